@@ -84,7 +84,8 @@ def load(
     data_dir = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
   data_dir = os.path.expanduser(data_dir)
   pool, test, num_classes = _LOADERS[name](name, data_dir, download)
-  train_idx, validation_idx = _holdout(pool.labels, _num_held_out(validation_size, len(pool)), seed)
+  num_validation = _num_held_out(validation_size, len(pool))
+  train_idx, validation_idx = _holdout(pool.labels, num_validation, seed)
   train, validation = _take(pool, train_idx), _take(pool, validation_idx)
   if max_train_examples is not None and max_train_examples < len(train):
     keep_idx, _ = _holdout(train.labels, len(train) - max_train_examples, seed)
@@ -114,8 +115,10 @@ def batches(
     yield split.images[idx], split.labels[idx]
 
 
-def batch_at(split: Split, batch_size: int, *, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-  """The training batch of global step `step` (epoch = step // steps_per_epoch): a pure function of (seed, step), so training resumes exactly."""
+def batch_at(
+    split: Split, batch_size: int, *, seed: int, step: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """The batch of global step `step` (epoch = step // steps_per_epoch), a pure function of it."""
   num_steps = steps_per_epoch(split, batch_size)
   if num_steps == 0:
     raise ValueError(f"batch_size {batch_size} is larger than the split ({len(split)} examples)")
@@ -135,7 +138,9 @@ def _num_held_out(size: int | float, total: int) -> int:
   elif isinstance(size, int) and not isinstance(size, bool) and 0 <= size < total:
     count = size
   else:
-    raise ValueError(f"validation_size must be an int in [0, {total}) or a float in [0, 1), got {size!r}")
+    raise ValueError(
+        f"validation_size must be an int in [0, {total}) or a float in [0, 1), got {size!r}"
+    )
   return count
 
 
@@ -240,7 +245,8 @@ def _load_cifar(name: str, data_dir: str, download: bool) -> _Loaded:
       reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise DatasetNotFoundError(f"{name} under {path} is not readable ({reason}): {hint}") from e
     examples = [source[i] for i in range(len(source))]  # Single-index access works everywhere.
-    images = np.stack([example["image"] for example in examples]) if examples else np.zeros((0, 32, 32, 3))
+    images = [example["image"] for example in examples]
+    images = np.stack(images) if images else np.zeros((0, 32, 32, 3))
     splits.append(_split(images, [example["label"] for example in examples]))
   return splits[0], splits[1], {"cifar10": 10, "cifar100": 100}[name]
 
@@ -248,7 +254,9 @@ def _load_cifar(name: str, data_dir: str, download: bool) -> _Loaded:
 def _load_tinyimagenet(name: str, data_dir: str, download: bool) -> _Loaded:
   """Tiny-ImageNet from the official folder: official val becomes our test split."""
   del name
-  root = data_dir if os.path.isfile(os.path.join(data_dir, "wnids.txt")) else os.path.join(data_dir, _TINYIMAGENET_FOLDER)
+  root = data_dir
+  if not os.path.isfile(os.path.join(root, "wnids.txt")):
+    root = os.path.join(data_dir, _TINYIMAGENET_FOLDER)
   if not os.path.isfile(os.path.join(root, "wnids.txt")):
     not_supported = "automatic download is not supported; " if download else ""
     raise DatasetNotFoundError(

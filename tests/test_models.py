@@ -1,0 +1,141 @@
+"""Flax models: structure against an independent functional re-implementation, init, BN modes."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rcnas_jax import arch, models
+
+
+def _randomise(tree, key):
+  """Every leaf replaced by random values (positive where it is a BN variance)."""
+  leaves, treedef = jax.tree.flatten_with_path(tree)
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for (path, leaf), k in zip(leaves, keys):
+    values = jax.random.normal(k, leaf.shape) * 0.3
+    out.append(jnp.abs(values) + 0.5 if "var" in jax.tree_util.keystr(path) else values + (
+        1.0 if "scale" in jax.tree_util.keystr(path) else 0.0))
+  return jax.tree.unflatten(treedef, out)
+
+
+def _bn(x, p, s):
+  return (x - s["mean"]) / jnp.sqrt(s["var"] + 1e-5) * p["scale"] + p["bias"]
+
+
+def _conv(x, kernel, stride=1, groups=1):
+  pad = kernel.shape[0] // 2
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(pad, pad)] * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=groups)
+
+
+def _reference_robust_block(x, p, s, stride):
+  """RobustResBlock written out from SPEC §1, in eval mode."""
+  width = p["split_conv0"]["kernel"].shape[-1]
+  out_ch = p["conv3"]["kernel"].shape[-1]
+  pre = jax.nn.relu(_bn(x, p["norm1"], s["norm1"]))
+  shortcut = _conv(pre, p["shortcut"]["kernel"], stride) if "shortcut" in p else x
+  h = jax.nn.relu(_bn(_conv(x, p["conv1"]["kernel"]), p["norm2"], s["norm2"]))
+  splits = [h[..., i * width:(i + 1) * width] for i in range(8)]
+  ys = []
+  for i in range(7):
+    inp = splits[i] if (i == 0 or stride > 1) else splits[i] + ys[-1]
+    y = _conv(inp, p[f"split_conv{i}"]["kernel"], stride, groups=4)
+    ys.append(jax.nn.relu(_bn(y, p[f"split_norm{i}"], s[f"split_norm{i}"])))
+  last = splits[7]
+  if stride > 1:
+    padded = jnp.pad(last, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    last = jax.lax.reduce_window(padded, 0.0, jax.lax.add, (1, 3, 3, 1), (1, stride, stride, 1),
+                                 "VALID") / 9.0
+  out = _conv(jnp.concatenate(ys + [last], -1), p["conv3"]["kernel"])
+  z = _bn(out, p["se_norm"], s["se_norm"])
+  gate = jax.nn.sigmoid(jax.nn.relu(z.mean((1, 2)) @ p["se"]["squeeze"]["kernel"])
+                        @ p["se"]["excite"]["kernel"])
+  assert out.shape[-1] == out_ch
+  return out + shortcut + z * gate[:, None, None, :]
+
+
+def _reference_basic_block(x, p, s, stride):
+  """Pre-activation basic block written out from SPEC §1, in eval mode."""
+  pre = jax.nn.relu(_bn(x, p["norm1"], s["norm1"]))
+  shortcut = _conv(pre, p["shortcut"]["kernel"], stride) if "shortcut" in p else x
+  h = jax.nn.relu(_bn(_conv(pre, p["conv1"]["kernel"], stride), p["norm2"], s["norm2"]))
+  return _conv(h, p["conv2"]["kernel"]) + shortcut
+
+
+@pytest.mark.parametrize("block,reference", [(models.RobustBlock, _reference_robust_block),
+                                              (models.BasicBlock, _reference_basic_block)])
+@pytest.mark.parametrize("in_channels,channels,stride", [(64, 16, 1), (24, 16, 2), (32, 32, 1)])
+def test_blocks_match_written_out_definition(block, reference, in_channels, channels, stride):
+  norm = functools.partial(nn.BatchNorm, use_running_average=True, epsilon=1e-5)
+  module = block(channels, stride, "relu", norm)
+  x = jax.random.uniform(jax.random.key(1), (2, 8, 8, in_channels))
+  variables = _randomise(module.init(jax.random.key(0), x), jax.random.key(2))
+  ours = module.apply(variables, x)
+  theirs = reference(x, variables["params"], variables["batch_stats"], stride)
+  assert ours.shape == theirs.shape == (2, 8 // stride, 8 // stride, theirs.shape[-1])
+  np.testing.assert_allclose(ours, theirs, rtol=2e-4, atol=2e-4)
+
+
+def test_robust_block_has_projection_only_when_shape_changes():
+  norm = functools.partial(nn.BatchNorm, use_running_average=True)
+  x = jnp.zeros((1, 8, 8, 64))
+  same = models.RobustBlock(16, 1, "relu", norm).init(jax.random.key(0), x)["params"]
+  strided = models.RobustBlock(16, 2, "relu", norm).init(jax.random.key(0), x)["params"]
+  assert "shortcut" not in same and "shortcut" in strided
+  assert same["split_conv0"]["kernel"].shape == (3, 3, 1, 4)  # width 4, cardinality 4
+
+
+def test_normalisation_happens_inside_the_model():
+  spec = arch.TEACHERS["tiny-8"]
+  mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+  normalising = models.build(spec, 10, mean, std)
+  plain = models.build(spec, 10)
+  variables = models.init(normalising, jax.random.key(0), (16, 16, 3))
+  x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 3))
+  expected = plain.apply(variables, (x - jnp.array(mean)) / jnp.array(std))
+  np.testing.assert_allclose(normalising.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_initialisation_follows_the_reference():
+  spec = arch.wide_resnet(16, 8)
+  variables = models.init(models.build(spec, 10), jax.random.key(0), (32, 32, 3))
+  kernel = variables["params"]["stage2_block1"]["conv2"]["kernel"]  # 3x3, 512 -> 512
+  assert abs(float(jnp.std(kernel)) - np.sqrt(2 / (9 * 512))) / np.sqrt(2 / (9 * 512)) < 0.01
+  assert abs(float(jnp.mean(kernel))) < 1e-3
+  bn = variables["params"]["stage1_block0"]["norm1"]
+  assert np.all(bn["scale"] == 1) and np.all(bn["bias"] == 0)
+  assert np.all(variables["params"]["head"]["bias"] == 0)
+  bound = 1 / np.sqrt(512)
+  assert float(jnp.max(jnp.abs(variables["params"]["head"]["kernel"]))) <= bound
+
+
+def test_train_mode_updates_statistics_and_eval_mode_does_not():
+  model = models.build(arch.TEACHERS["tiny-8"], 10)
+  variables = models.init(model, jax.random.key(0), (16, 16, 3))
+  x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3))
+  _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  before = variables["batch_stats"]["head_norm"]["mean"]
+  after = updated["batch_stats"]["head_norm"]["mean"]
+  assert float(jnp.max(jnp.abs(after - before))) > 1e-4
+  eval_logits = models.logits_fn(model, variables)(x)
+  np.testing.assert_allclose(eval_logits, model.apply(variables, x), rtol=0, atol=0)
+  # Eval mode is per-example: a batch of one gives the same logits.
+  np.testing.assert_allclose(models.logits_fn(model, variables)(x[:1]), eval_logits[:1],
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "softplus"])
+def test_activation_is_configurable(activation):
+  spec = arch.NetworkSpec(stages=(arch.StageSpec(1, 8, 1),), activation=activation)
+  model = models.build(spec, 3)
+  variables = models.init(model, jax.random.key(0), (8, 8, 1))
+  relu_model = models.build(arch.NetworkSpec(stages=spec.stages), 3)
+  x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1))
+  assert model.apply(variables, x).shape == (2, 3)
+  assert float(jnp.max(jnp.abs(model.apply(variables, x) - relu_model.apply(variables, x)))) > 0
