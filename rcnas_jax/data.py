@@ -118,7 +118,7 @@ def batches(
 def batch_at(
     split: Split, batch_size: int, *, seed: int, step: int
 ) -> tuple[np.ndarray, np.ndarray]:
-  """The batch of global step `step` (epoch = step // steps_per_epoch), a pure function of it."""
+  """The training batch of global step `step`: pure in (seed, step), so training resumes exactly."""
   num_steps = steps_per_epoch(split, batch_size)
   if num_steps == 0:
     raise ValueError(f"batch_size {batch_size} is larger than the split ({len(split)} examples)")
