@@ -1,0 +1,147 @@
+"""The base configuration, every field documented once, and its validation.
+
+`configs/<name>.py` files call `base_config()` and override a few fields. `validate` checks a
+config before any compute and raises `ConfigError` with one line: the field, the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from rcnas_jax import arch, data
+
+MODES = ("train",)
+TRAINING_METHODS = ("standard", "pgd_at", "trades")
+SCHEDULES = ("step", "cosine", "constant")
+ATTACK_LOOPS = ("auto", "unrolled", "rolled")
+EVALUATION_ATTACKS = ("clean", "fgsm", "pgd", "cw")
+
+
+class ConfigError(ValueError):
+  """A config field holds a value that is not allowed."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field with its default and its meaning."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds data splits, shuffling, initialisation and attacks.
+  c.mode = "train"  # What `main` runs: one of MODES.
+  # Where XLA's persistent compilation cache lives ('' = <workdir>/jax_cache).
+  c.compilation_cache_dir = ""
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "digits"  # One of data.DATASETS.
+  c.dataset.data_dir = ""  # TFDS data dir / folder holding tiny-imagenet-200 ('' = default).
+  c.dataset.download = False  # Only then may TFDS use the network.
+  c.dataset.validation_size = 0.1  # Carved from train: a fraction in (0, 1) or a count.
+  c.dataset.max_train_examples = 0  # Truncate the train split (0 = keep all).
+  c.dataset.crop_padding = 0  # Random crop after zero padding by this many pixels (0 = off).
+  c.dataset.flip = False  # Random horizontal flips (off for digits).
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "tiny-8"  # A name of arch.TEACHERS.
+
+  # The attack used for adversarial training (and, in the search, the task's attack).
+  c.attack = ml_collections.ConfigDict()
+  c.attack.eps = 8 / 255
+  c.attack.step_size = 2 / 255
+  c.attack.num_steps = 10
+  c.attack.norm = "linf"  # 'linf' or 'l2'.
+  # 'unrolled' writes attack steps out (2-4x faster on XLA:CPU); 'rolled' uses lax.fori_loop
+  # (faster compiles, fine on GPU/TPU); 'auto' unrolls on CPU only.
+  c.attack.loop = "auto"
+
+  c.training = ml_collections.ConfigDict()
+  c.training.method = "trades"  # 'standard', 'pgd_at' or 'trades'.
+  c.training.trades_beta = 6.0
+  c.training.epochs = 100
+  c.training.batch_size = 128  # Global batch; must divide evenly over the devices.
+  c.training.learning_rate = 0.1
+  c.training.momentum = 0.9
+  c.training.nesterov = False
+  c.training.weight_decay = 2e-4
+  c.training.schedule = "step"  # 'step' (x0.1 at each decay point), 'cosine' or 'constant'.
+  c.training.decay_points = (0.75, 0.9)  # Fractions of training where 'step' decays.
+  c.training.warmup_epochs = 0.0
+  c.training.grad_clip = 5.0  # Global-norm clipping (0 = off).
+  c.training.ema_decay = 0.0  # EMA of the weights, used for evaluation (0 = off).
+  c.training.distill_weight = 0.0  # Weight of KL to a teacher's logits (0 = off).
+  c.training.distill_temperature = 1.0
+  c.training.log_every_steps = 10
+  c.training.checkpoint_every_steps = 200  # Also at the end of every epoch.
+
+  # Evaluation attacks (SPEC §7), in the model's eval mode.
+  c.evaluation = ml_collections.ConfigDict()
+  c.evaluation.attacks = ("clean", "fgsm", "pgd", "cw")
+  c.evaluation.eps = 8 / 255
+  c.evaluation.norm = "linf"
+  c.evaluation.pgd_steps = 20
+  c.evaluation.pgd_step_size = 0.8 / 255
+  c.evaluation.cw_steps = 40
+  c.evaluation.cw_step_size = 0.8 / 255
+  c.evaluation.restarts = 1
+  c.evaluation.batch_size = 256
+  c.evaluation.max_examples = 0  # Evaluate on the first N examples of the split (0 = all).
+  return c
+
+
+def _fail(field: str, value, allowed: str):
+  raise ConfigError(f"config.{field}={value!r}: expected {allowed}")
+
+
+def _one_of(config, field: str, choices) -> None:
+  value = _get(config, field)
+  if value not in choices:
+    _fail(field, value, "one of " + ", ".join(map(str, choices)))
+
+
+def _at_least(config, field: str, low, *, strict: bool = False) -> None:
+  value = _get(config, field)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+      value <= low if strict else value < low):
+    _fail(field, value, f"a number {'>' if strict else '>='} {low}")
+
+
+def _get(config, field: str):
+  for part in field.split("."):
+    config = config[part]
+  return config
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Raises ConfigError naming the first bad field; returns None when the config is valid."""
+  _one_of(config, "mode", MODES)
+  _one_of(config, "dataset.name", data.DATASETS)
+  _one_of(config, "model.arch", tuple(arch.TEACHERS))
+  _one_of(config, "attack.norm", ("linf", "l2"))
+  _one_of(config, "attack.loop", ATTACK_LOOPS)
+  _one_of(config, "training.method", TRAINING_METHODS)
+  _one_of(config, "training.schedule", SCHEDULES)
+  _one_of(config, "evaluation.norm", ("linf", "l2"))
+  for name in config.evaluation.attacks:
+    if name not in EVALUATION_ATTACKS:
+      _fail("evaluation.attacks", tuple(config.evaluation.attacks),
+            "a tuple of " + ", ".join(EVALUATION_ATTACKS))
+  for field in ("attack.eps", "attack.step_size", "evaluation.eps", "training.weight_decay",
+                "dataset.validation_size",
+                "training.grad_clip", "training.trades_beta", "training.distill_weight",
+                "training.warmup_epochs", "dataset.max_train_examples", "dataset.crop_padding",
+                "evaluation.max_examples", "evaluation.pgd_step_size",
+                "evaluation.cw_step_size"):
+    _at_least(config, field, 0)
+  for field in ("training.epochs", "training.batch_size", "training.learning_rate",
+                "attack.num_steps", "evaluation.pgd_steps", "evaluation.cw_steps",
+                "evaluation.restarts", "evaluation.batch_size", "training.log_every_steps",
+                "training.checkpoint_every_steps", "training.distill_temperature"):
+    _at_least(config, field, 0, strict=True)
+  if not 0 <= config.training.ema_decay < 1:
+    _fail("training.ema_decay", config.training.ema_decay, "a number in [0, 1)")
+  if not 0 <= config.training.momentum < 1:
+    _fail("training.momentum", config.training.momentum, "a number in [0, 1)")
+  if not all(0 < p < 1 for p in config.training.decay_points):
+    _fail("training.decay_points", tuple(config.training.decay_points),
+          "fractions in (0, 1)")
+  for field in ("training.batch_size", "evaluation.batch_size"):
+    if _get(config, field) % num_devices:
+      _fail(field, _get(config, field), f"a multiple of the {num_devices} devices")

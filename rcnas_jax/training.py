@@ -1,0 +1,258 @@
+"""Adversarial training: PGD-AT and TRADES, optional distillation, one jitted data-parallel step.
+
+The train state is a dict pytree {step, params, batch_stats, opt_state, ema_params,
+ema_batch_stats}. The step's randomness is `fold_in(key, step)` and the batch of step s is a
+pure function of (seed, s), so a run killed at any point resumes bit-identically from its last
+checkpoint. Every attack sees the model in eval mode (BN running statistics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from rcnas_jax import attacks, checkpoint, data, metrics, models, parallel
+
+State = dict
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """What one train step does; hashable, so it is a static argument of the jitted step."""
+
+  method: str = "trades"  # 'standard', 'pgd_at' or 'trades'.
+  eps: float = 8 / 255
+  step_size: float = 2 / 255
+  num_steps: int = 10
+  norm: str = "linf"
+  unroll: bool = True
+  trades_beta: float = 6.0
+  crop_padding: int = 0
+  flip: bool = False
+  ema_decay: float = 0.0
+  distill_weight: float = 0.0
+  distill_temperature: float = 1.0
+
+
+def unroll_attack_loops(loop: str) -> bool:
+  """Resolves config.attack.loop: 'auto' unrolls on CPU, where rolled loops are 2-4x slower."""
+  return loop == "unrolled" or (loop == "auto" and jax.default_backend() == "cpu")
+
+
+def settings_from_config(config: ml_collections.ConfigDict) -> TrainSettings:
+  """The train-step settings of a full config."""
+  t, a = config.training, config.attack
+  return TrainSettings(
+      method=t.method, eps=a.eps, step_size=a.step_size, num_steps=a.num_steps, norm=a.norm,
+      unroll=unroll_attack_loops(a.loop), trades_beta=t.trades_beta,
+      crop_padding=config.dataset.crop_padding, flip=config.dataset.flip,
+      ema_decay=t.ema_decay, distill_weight=t.distill_weight,
+      distill_temperature=t.distill_temperature)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser.
+# ---------------------------------------------------------------------------------------------
+
+
+def learning_rate_schedule(t: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Step decay (x0.1 at each decay point), cosine or constant, after an optional warmup."""
+  warmup = int(t.warmup_epochs * total_steps / t.epochs)
+  if t.schedule == "step":
+    boundaries = {int(p * total_steps) - warmup: 0.1 for p in t.decay_points}
+    main = optax.piecewise_constant_schedule(t.learning_rate, boundaries)
+  elif t.schedule == "cosine":
+    main = optax.cosine_decay_schedule(t.learning_rate, max(total_steps - warmup, 1))
+  else:
+    main = optax.constant_schedule(t.learning_rate)
+  if not warmup:
+    return main
+  ramp = optax.linear_schedule(0.0, t.learning_rate, warmup)
+  return optax.join_schedules([ramp, main], [warmup])
+
+
+def optimizer(t: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """SGD with momentum; clipping, then L2 weight decay on every parameter (as PyTorch's SGD)."""
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity(),
+      optax.add_decayed_weights(t.weight_decay),
+      optax.sgd(learning_rate_schedule(t, total_steps), momentum=t.momentum or None,
+                nesterov=t.nesterov))
+
+
+# ---------------------------------------------------------------------------------------------
+# State and step.
+# ---------------------------------------------------------------------------------------------
+
+
+def create_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+                 image_shape) -> State:
+  """A fresh train state."""
+  variables = models.init(model, key, image_shape)
+  return {
+      "step": jnp.zeros((), jnp.int32),
+      "params": variables["params"],
+      "batch_stats": variables["batch_stats"],
+      "opt_state": tx.init(variables["params"]),
+      # Copies: the step donates the state, and a buffer cannot be donated twice.
+      "ema_params": jax.tree.map(jnp.copy, variables["params"]),
+      "ema_batch_stats": jax.tree.map(jnp.copy, variables["batch_stats"]),
+  }
+
+
+def eval_variables(state: State, use_ema: bool) -> dict:
+  """The variables to evaluate: the EMA weights when EMA is on."""
+  prefix = "ema_" if use_ema else ""
+  return {"params": state[prefix + "params"], "batch_stats": state[prefix + "batch_stats"]}
+
+
+def augment(images: jax.Array, key: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
+  """uint8 images -> floats in [0, 1], randomly cropped after zero padding and flipped."""
+  x = images.astype(jnp.float32) / 255.0
+  n, h, w, _ = x.shape
+  crop_key, flip_key = jax.random.split(key)
+  if crop_padding:
+    p = crop_padding
+    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * p + 1)
+    crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, x.shape[-1]))
+    x = jax.vmap(crop)(padded, offsets)
+  if flip:
+    flips = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
+    x = jnp.where(flips, x[:, :, ::-1, :], x)
+  return x
+
+
+def _kl(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
+  """Per-example KL(softmax(target) || softmax(logits))."""
+  return attacks.kl_divergence(logits, None, target_logits)
+
+
+def _loss(params, batch_stats, clean, adversarial, labels, teacher_logits, *, model,
+          settings: TrainSettings):
+  """The training objective; BN statistics are updated by each train-mode pass in turn."""
+
+  def forward(x, stats):
+    logits, updated = model.apply({"params": params, "batch_stats": stats}, x, train=True,
+                                  mutable=["batch_stats"])
+    return logits, updated["batch_stats"]
+
+  ce = optax.softmax_cross_entropy_with_integer_labels
+  if settings.method == "trades":
+    clean_logits, batch_stats = forward(clean, batch_stats)
+    adversarial_logits, batch_stats = forward(adversarial, batch_stats)
+    loss = jnp.mean(ce(clean_logits, labels)) + settings.trades_beta * jnp.mean(
+        _kl(clean_logits, adversarial_logits))
+  else:
+    adversarial_logits, batch_stats = forward(adversarial, batch_stats)
+    loss = jnp.mean(ce(adversarial_logits, labels))
+  if settings.distill_weight:
+    t = settings.distill_temperature
+    distill = t * t * jnp.mean(_kl(teacher_logits / t, adversarial_logits / t))
+    loss = (1 - settings.distill_weight) * loss + settings.distill_weight * distill
+  accuracy = jnp.mean(jnp.argmax(adversarial_logits, -1) == labels)
+  return loss, (batch_stats, {"loss": loss, "train_adversarial_accuracy": accuracy})
+
+
+def train_step(state: State, images: jax.Array, labels: jax.Array, key: jax.Array,
+               teacher_variables, *, model: nn.Module, tx: optax.GradientTransformation,
+               settings: TrainSettings, teacher: nn.Module | None = None):
+  """One optimisation step on a batch of uint8 images; returns (state, metrics)."""
+  step_key = jax.random.fold_in(key, state["step"])
+  augment_key, attack_key = jax.random.split(step_key)
+  clean = augment(images, augment_key, settings.crop_padding, settings.flip)
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  if settings.method == "standard":
+    adversarial = clean
+  else:
+    adversarial = attacks.pgd(
+        models.logits_fn(model, variables), clean, labels, attack_key, eps=settings.eps,
+        step_size=settings.step_size, num_steps=settings.num_steps,
+        loss="kl" if settings.method == "trades" else "ce", norm=settings.norm,
+        unroll=settings.unroll)
+  teacher_logits = None
+  if settings.distill_weight:
+    teacher_logits = teacher.apply(teacher_variables, clean, train=False)
+  grad_fn = jax.grad(_loss, has_aux=True)
+  grads, (batch_stats, step_metrics) = grad_fn(
+      state["params"], state["batch_stats"], clean, adversarial, labels, teacher_logits,
+      model=model, settings=settings)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  ema = lambda old, new: jax.tree.map(
+      lambda o, n: settings.ema_decay * o + (1 - settings.ema_decay) * n, old, new)
+  new_state = {
+      "step": state["step"] + 1,
+      "params": params,
+      "batch_stats": batch_stats,
+      "opt_state": opt_state,
+      "ema_params": ema(state["ema_params"], params),
+      "ema_batch_stats": ema(state["ema_batch_stats"], batch_stats),
+  }
+  step_metrics["grad_norm"] = optax.tree.norm(grads)
+  return new_state, step_metrics
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, settings: TrainSettings,
+                    mesh: Mesh, teacher: nn.Module | None = None) -> Callable:
+  """`train_step` jitted over the mesh: batch split on `data`, state replicated and donated."""
+  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  step = functools.partial(train_step, model=model, tx=tx, settings=settings, teacher=teacher)
+  return jax.jit(step, in_shardings=(replicated, sharded, sharded, replicated, replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------
+
+
+def train(model: nn.Module, split: data.Split, image_shape, config: ml_collections.ConfigDict,
+          workdir: str, mesh: Mesh, *, teacher: tuple[nn.Module, dict] | None = None,
+          max_steps: int | None = None, progress: bool = True) -> State:
+  """Trains `model` on `split` per `config`, resuming from `workdir`; returns the final state.
+
+  `max_steps` stops early after that global step (the schedule is unchanged), as a kill would.
+  """
+  t = config.training
+  steps_per_epoch = data.steps_per_epoch(split, t.batch_size)
+  total_steps = t.epochs * steps_per_epoch
+  tx = optimizer(t, total_steps)
+  settings = settings_from_config(config)
+  key = jax.random.key(config.seed)
+  init_key, step_key = jax.random.split(key)
+  state = parallel.replicate(mesh, jax.jit(
+      lambda k: create_state(model, tx, k, image_shape))(init_key))
+  manager = checkpoint.manager(f"{workdir}/checkpoints")
+  state = checkpoint.restore_latest(manager, state, parallel.replicated(mesh)) or state
+  teacher_model, teacher_variables = teacher if teacher else (None, None)
+  step_fn = make_train_step(model, tx, settings, mesh, teacher_model)
+  writer = metrics.MetricsWriter(workdir)
+  stop = min(total_steps, max_steps or total_steps)
+  start = int(state["step"])
+  bar = metrics.progress(total=stop, initial=start, desc="train", disable=not progress)
+  for step in range(start, stop):
+    images, labels = parallel.shard_batch(
+        mesh, *data.batch_at(split, t.batch_size, seed=config.seed, step=step))
+    state, step_metrics = step_fn(state, images, labels, step_key, teacher_variables)
+    done = step + 1
+    if done % t.log_every_steps == 0 or done == stop:
+      record = {k: float(v) for k, v in step_metrics.items()}
+      record["epoch"] = done / steps_per_epoch
+      writer.write(done, record)
+      bar.set_postfix(loss=f"{record['loss']:.3f}")
+    if done % t.checkpoint_every_steps == 0 or done % steps_per_epoch == 0 or done == stop:
+      checkpoint.save(manager, done, state)
+    bar.update(1)
+  bar.close()
+  manager.wait_until_finished()
+  manager.close()
+  return state
