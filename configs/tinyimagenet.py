@@ -13,6 +13,7 @@ from rcnas_jax import config as config_lib
 
 def get_config():
   c = config_lib.paper_recipe(config_lib.base_config())
+  c.mode = "train"  # Trains config.model.arch; the RC-NAS search configs are the CIFAR ones.
   c.dataset.name = "tinyimagenet"
   c.model.arch = "WRN-28-10"
   c.evaluation.batch_size = 128

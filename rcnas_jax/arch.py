@@ -285,3 +285,32 @@ def identity_actions(teacher_spec: NetworkSpec) -> tuple[StageAction, ...]:
   """The actions that give back the teacher itself."""
   return tuple(StageAction(1.0, 1.0, s.stride == 2, s.block == "robust")
                for s in teacher_spec.stages)
+
+
+def compound_scaled(budget_macs: int, image_size: int = 32, num_classes: int = 10,
+                    in_channels: int = 3, width_multiple: int = 8) -> NetworkSpec:
+  """The RobustResNet-style hand-scaled network that best fills a MAC budget.
+
+  Depths 2d:2d:d and widening factors 2a:2.5a:a with robust blocks (Huang et al.'s compound
+  scaling): the largest d for which a = 0.45 d fits (the ratio of RRN-A1..A4), then the widest
+  a on a 1/8 grid that still fits. Robust stages keep at least 16 channels, so a tiny budget
+  may be exceeded by the smallest such network.
+  """
+  def build(d: int, a: float) -> NetworkSpec:
+    stages = tuple(
+        StageSpec(depth, max(16, round(16 * 2**i * w / width_multiple) * width_multiple),
+                  stride, "robust")
+        for i, (depth, w, stride) in enumerate(zip((2 * d, 2 * d, d), (2 * a, 2.5 * a, a),
+                                                   (1, 2, 2))))
+    return NetworkSpec(stages=stages)
+
+  fits = lambda s: count_macs(s, image_size, num_classes, in_channels) <= budget_macs
+  d = 1
+  while fits(build(d + 1, 0.45 * (d + 1))):
+    d += 1
+  a = 0.45 * d
+  while a > 0.125 and not fits(build(d, a)):
+    a -= 0.125
+  while a < 64 and fits(build(d, a + 0.125)):
+    a += 0.125
+  return build(d, a)

@@ -11,7 +11,7 @@ import ml_collections
 
 from rcnas_jax import arch, data
 
-MODES = ("train",)
+MODES = ("search", "train")
 TRAINING_METHODS = ("standard", "pgd_at", "trades")
 SCHEDULES = ("step", "cosine", "constant")
 ATTACK_LOOPS = ("auto", "unrolled", "rolled")
@@ -26,7 +26,10 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field with its default and its meaning."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds data splits, shuffling, initialisation and attacks.
-  c.mode = "train"  # What `main` runs: one of MODES.
+  # What `main` runs: 'search' = the whole RC-NAS pipeline (teachers -> meta-training ->
+  # fine-tuning -> baselines -> full training -> report -> export); 'train' = adversarially
+  # train and evaluate config.model.arch alone.
+  c.mode = "search"
   # Where XLA's persistent compilation cache lives ('' = <workdir>/jax_cache).
   c.compilation_cache_dir = ""
 
@@ -36,11 +39,57 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.download = False  # Only then may TFDS use the network.
   c.dataset.validation_size = 0.1  # Carved from train: a fraction in (0, 1) or a count.
   c.dataset.max_train_examples = 0  # Truncate the train split (0 = keep all).
+  c.dataset.max_image_size = 0  # Shrink larger images by an integer factor (0 = native size).
   c.dataset.crop_padding = 0  # Random crop after zero padding by this many pixels (0 = off).
   c.dataset.flip = False  # Random horizontal flips (off for digits).
 
   c.model = ml_collections.ConfigDict()
-  c.model.arch = "tiny-8"  # A name of arch.TEACHERS.
+  c.model.arch = "tiny-8"  # mode='train': a name of arch.TEACHERS.
+
+  # Teachers of the search (one per dataset and teacher name), trained with config.training
+  # and config.attack for `epochs`, or loaded from exported checkpoints.
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.epochs = 10
+  c.teacher.checkpoint_dir = ""  # Holds <dataset>-<teacher>/ exports to load ('' = train).
+
+  # The RC-NAS search (SPEC §2-6). A task is (dataset, attack, teacher, budget); attacks are
+  # 'clean', 'fgsm', 'pgd-<steps>' or 'cw-<steps>' at config.attack.eps.
+  c.search = ml_collections.ConfigDict()
+  c.search.datasets = ("digits", "mnist5k")  # Meta-training buffer of datasets.
+  c.search.attacks = ("fgsm", "pgd-5")  # Meta-training buffer of attacks.
+  c.search.teachers = ("tiny-8",)  # Meta-training buffer of teachers.
+  c.search.budget_range = (0.2, 0.6)  # Meta budgets: fractions of the teacher's MACs.
+  c.search.target = ml_collections.ConfigDict()  # Held out: (dataset, attack) never meta-trained.
+  c.search.target.dataset = "digits"
+  c.search.target.attack = "cw-10"
+  c.search.target.teacher = "tiny-8"
+  c.search.target.budget_macs = 0  # Absolute budget, or
+  c.search.target.budget_fraction = 0.4  # ... this fraction of the teacher's MACs.
+  c.search.students_per_update = 5  # M.
+  c.search.meta_updates = 20
+  c.search.finetune_updates = 10
+  c.search.baselines = ("rnas", "random")  # Also run R-NAS and random search on the target.
+  c.search.beta = 2.0  # Budget penalty exponent over budget.
+  c.search.width_multiple = 8
+  c.search.probe_size = 64  # Validation images (a stratified sample) for LIPS and error.
+  c.search.lipschitz_iterations = 20
+  c.search.proxy = ml_collections.ConfigDict()  # Short training of each sampled student.
+  c.search.proxy.epochs = 2
+  c.search.proxy.train_examples = 512  # A fixed stratified sample of N (0 = all).
+  c.search.proxy.validation_examples = 256  # Likewise; evaluated as one batch.
+  c.search.proxy.batch_size = 64
+  c.search.proxy.learning_rate = 0.05
+  c.search.proxy.method = ""  # 'standard', 'pgd_at' or 'trades' ('' = training.method).
+  c.search.proxy.attack_steps = 3
+  c.search.proxy.distill_weight = 0.0  # KL to the teacher's logits during proxy training.
+  c.search.policy = ml_collections.ConfigDict()
+  c.search.policy.algorithm = "vpg"  # 'vpg' (REINFORCE + value baseline) or 'ppo'.
+  c.search.policy.hidden = 64
+  c.search.policy.learning_rate = 3e-3
+  c.search.policy.entropy_weight = 0.01
+  c.search.policy.value_weight = 0.5
+  c.search.policy.ppo_epochs = 4
+  c.search.policy.ppo_clip = 0.2
 
   # The attack used for adversarial training (and, in the search, the task's attack).
   c.attack = ml_collections.ConfigDict()
@@ -82,7 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluation.cw_step_size = 0.8 / 255
   c.evaluation.restarts = 1
   c.evaluation.batch_size = 256
-  c.evaluation.max_examples = 0  # Evaluate on the first N examples of the split (0 = all).
+  c.evaluation.max_examples = 0  # Evaluate on a fixed stratified sample of N (0 = all).
+  # Like attack.loop, for evaluation attacks; a rolled CW-40 compiles much faster.
+  c.evaluation.loop = "auto"
   return c
 
 
@@ -120,13 +171,61 @@ def _get(config, field: str):
   return config
 
 
+def _attack_names(value) -> bool:
+  """Whether every entry is 'clean', 'fgsm', 'pgd-<steps>' or 'cw-<steps>'."""
+  def ok(name):
+    kind, _, steps = name.partition("-")
+    return (kind in ("clean", "fgsm") and not steps) or (kind in ("pgd", "cw") and steps.isdigit()
+                                                          and int(steps) > 0)
+  return all(isinstance(n, str) and ok(n) for n in value)
+
+
+def _validate_search(config) -> None:
+  """The search section: buffers, target, budgets, learning settings."""
+  s = config.search
+  for field, names, allowed in (("datasets", s.datasets, data.DATASETS),
+                                ("teachers", s.teachers, tuple(arch.TEACHERS))):
+    if not names or any(n not in allowed for n in names):
+      _fail(f"search.{field}", tuple(names), "a non-empty tuple of " + ", ".join(allowed))
+  if not s.attacks or not _attack_names(s.attacks):
+    _fail("search.attacks", tuple(s.attacks), "a non-empty tuple of clean, fgsm, pgd-<steps>, cw-<steps>")
+  if not _attack_names((s.target.attack,)):
+    _fail("search.target.attack", s.target.attack, "clean, fgsm, pgd-<steps> or cw-<steps>")
+  _one_of(config, "search.target.dataset", data.DATASETS)
+  _one_of(config, "search.target.teacher", tuple(arch.TEACHERS))
+  _one_of(config, "search.policy.algorithm", ("vpg", "ppo"))
+  _one_of(config, "search.proxy.method", ("",) + TRAINING_METHODS)
+  low, high = s.budget_range
+  if not 0 < low <= high:
+    _fail("search.budget_range", tuple(s.budget_range), "(low, high) with 0 < low <= high")
+  if s.target.budget_macs <= 0 and s.target.budget_fraction <= 0:
+    _fail("search.target.budget_fraction", s.target.budget_fraction,
+          "a number > 0 (or set search.target.budget_macs)")
+  for name in s.baselines:
+    if name not in ("rnas", "random"):
+      _fail("search.baselines", tuple(s.baselines), "a tuple of rnas, random")
+  for field in ("search.students_per_update", "search.width_multiple", "search.probe_size",
+                "search.lipschitz_iterations", "search.proxy.epochs", "search.proxy.batch_size",
+                "search.proxy.learning_rate", "search.proxy.attack_steps",
+                "search.policy.hidden", "search.policy.learning_rate", "search.policy.ppo_epochs",
+                "teacher.epochs"):
+    _at_least(config, field, 0, strict=True)
+  for field in ("search.meta_updates", "search.finetune_updates", "search.beta",
+                "search.proxy.train_examples", "search.proxy.validation_examples",
+                "search.proxy.distill_weight", "search.policy.entropy_weight",
+                "search.policy.value_weight", "search.policy.ppo_clip"):
+    _at_least(config, field, 0)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Raises ConfigError naming the first bad field; returns None when the config is valid."""
   _one_of(config, "mode", MODES)
+  _validate_search(config)
   _one_of(config, "dataset.name", data.DATASETS)
   _one_of(config, "model.arch", tuple(arch.TEACHERS))
   _one_of(config, "attack.norm", ("linf", "l2"))
   _one_of(config, "attack.loop", ATTACK_LOOPS)
+  _one_of(config, "evaluation.loop", ATTACK_LOOPS)
   _one_of(config, "training.method", TRAINING_METHODS)
   _one_of(config, "training.schedule", SCHEDULES)
   _one_of(config, "evaluation.norm", ("linf", "l2"))
@@ -138,6 +237,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                 "dataset.validation_size",
                 "training.grad_clip", "training.trades_beta", "training.distill_weight",
                 "training.warmup_epochs", "dataset.max_train_examples", "dataset.crop_padding",
+                "dataset.max_image_size",
                 "evaluation.max_examples", "evaluation.pgd_step_size",
                 "evaluation.cw_step_size"):
     _at_least(config, field, 0)

@@ -76,14 +76,22 @@ def load(
     seed: int = 0,
     download: bool = False,
     max_train_examples: int | None = None,
+    max_image_size: int | None = None,
 ) -> Dataset:
-  """Loads a dataset's train / validation / test splits and metadata."""
+  """Loads a dataset's train / validation / test splits and metadata.
+
+  `max_image_size` shrinks images with a larger side by an integer factor (area averaging),
+  e.g. MNIST's 28x28 to 14x14 for CPU runs; smaller images are left as they are.
+  """
   if name not in _LOADERS:
     raise ValueError(f"dataset {name!r} is not one of {', '.join(DATASETS)}")
   if data_dir is None:
     data_dir = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
   data_dir = os.path.expanduser(data_dir)
   pool, test, num_classes = _LOADERS[name](name, data_dir, download)
+  if max_image_size and pool.images.shape[1] > max_image_size:
+    factor = -(-pool.images.shape[1] // max_image_size)
+    pool, test = _shrink(pool, factor), _shrink(test, factor)
   num_validation = _num_held_out(validation_size, len(pool))
   train_idx, validation_idx = _holdout(pool.labels, num_validation, seed)
   train, validation = _take(pool, train_idx), _take(pool, validation_idx)
@@ -93,6 +101,18 @@ def load(
   mean, std = _channel_stats(train.images)
   info = DatasetInfo(name, num_classes, tuple(pool.images.shape[1:]), mean, std)
   return Dataset(info=info, train=train, validation=validation, test=test)
+
+
+def sample(split: Split, count: int, seed: int = 0) -> Split:
+  """A seeded sample of `count` examples, stratified by label (the whole split when count is 0).
+
+  Splits keep their source order, which for some datasets is sorted by class, so "the first N
+  examples" would be a biased subset; use this instead.
+  """
+  if not count or count >= len(split):
+    return split
+  _, chosen = _holdout(split.labels, count, seed)
+  return _take(split, chosen)
 
 
 def steps_per_epoch(split: Split, batch_size: int) -> int:
@@ -119,12 +139,17 @@ def batch_at(
     split: Split, batch_size: int, *, seed: int, step: int
 ) -> tuple[np.ndarray, np.ndarray]:
   """The training batch of global step `step`: pure in (seed, step), so training resumes exactly."""
-  num_steps = steps_per_epoch(split, batch_size)
-  if num_steps == 0:
-    raise ValueError(f"batch_size {batch_size} is larger than the split ({len(split)} examples)")
-  epoch, index = divmod(step, num_steps)
-  idx = _permutation(len(split), seed, epoch)[index * batch_size : (index + 1) * batch_size]
+  idx = batch_indices(len(split), batch_size, seed=seed, step=step)
   return split.images[idx], split.labels[idx]
+
+
+def batch_indices(num_examples: int, batch_size: int, *, seed: int, step: int) -> np.ndarray:
+  """The example indices of `batch_at(..., step=step)` for a split of `num_examples`."""
+  num_steps = num_examples // batch_size
+  if num_steps == 0:
+    raise ValueError(f"batch_size {batch_size} is larger than the split ({num_examples} examples)")
+  epoch, index = divmod(step, num_steps)
+  return _permutation(num_examples, seed, epoch)[index * batch_size : (index + 1) * batch_size]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,6 +183,15 @@ def _holdout(labels: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.
   fraction = (rank + 0.5) / counts[permuted_labels]
   chosen = perm[np.argsort(fraction, kind="stable")]
   return np.sort(chosen[count:]), np.sort(chosen[:count])
+
+
+def _shrink(split: Split, factor: int) -> Split:
+  """Images averaged over factor x factor blocks (sides must divide; the rest is cropped)."""
+  n, h, w, c = split.images.shape
+  h, w = h // factor * factor, w // factor * factor
+  blocks = split.images[:, :h, :w].reshape(n, h // factor, factor, w // factor, factor, c)
+  images = np.round(blocks.mean(axis=(2, 4), dtype=np.float32)).astype(np.uint8)
+  return Split(images, split.labels)
 
 
 def _take(split: Split, idx: np.ndarray) -> Split:

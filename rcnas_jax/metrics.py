@@ -31,4 +31,4 @@ def read(path: str) -> list[dict]:
 def progress(total: int, desc: str, initial: int = 0, disable: bool = False) -> tqdm.tqdm:
   """A progress bar that also works when resumed part-way (`initial`)."""
   return tqdm.tqdm(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True,
-                   leave=True)
+                   leave=True, mininterval=2.0)

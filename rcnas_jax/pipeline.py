@@ -1,18 +1,25 @@
 """The main job, phase by phase; each phase resumes from what the workdir already holds.
 
-Today: data -> adversarial training of `config.model.arch` -> evaluation on the test split
--> `results.json` / `results.md`. The RL search phases slot in before the final training.
+mode='search' (RC-NAS): teachers -> meta-training -> fine-tuning on the held-out target ->
+baselines (R-NAS, random search) -> full adversarial training of the best student of each
+method and of the hand-scaled RobustResNet-style student -> evaluation on the test split ->
+report -> export. mode='train': adversarial training and evaluation of one network.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 
 import jax
 import ml_collections
+import optax
 
-from rcnas_jax import arch, config as config_lib, data, evaluate, models, parallel, training
+from rcnas_jax import (arch, config as config_lib, data, env as env_lib, evaluate, export,
+                       models, parallel, report, search, training)
+from rcnas_jax.state import ProbeCache, Task
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -22,55 +29,232 @@ def enable_compilation_cache(directory: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def load_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
-  """The configured dataset's splits."""
+def load_dataset(config: ml_collections.ConfigDict, name: str | None = None) -> data.Dataset:
+  """The configured dataset's splits (or those of dataset `name` with the same settings)."""
   d = config.dataset
-  return data.load(d.name, data_dir=d.data_dir or None, validation_size=d.validation_size,
-                   seed=config.seed, download=d.download,
-                   max_train_examples=d.max_train_examples or None)
+  return data.load(name or d.name, data_dir=d.data_dir or None,
+                   validation_size=d.validation_size, seed=config.seed, download=d.download,
+                   max_train_examples=d.max_train_examples or None,
+                   max_image_size=d.max_image_size or None)
 
 
-def _evaluation_split(split: data.Split, max_examples: int) -> data.Split:
-  """The first `max_examples` examples (all when 0)."""
-  if not max_examples:
-    return split
-  return data.Split(split.images[:max_examples], split.labels[:max_examples])
+def _read_json(path: str):
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return None
+
+
+def _write_json(path: str, value) -> None:
+  """Writes atomically, so a kill never leaves half a file."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def evaluate_on_test(config, model, variables, split: data.Split, mesh) -> dict:
+  """The configured evaluation attacks on (the first examples of) the test split."""
+  return evaluate.evaluate(
+      model, variables, data.sample(split, config.evaluation.max_examples),
+      evaluate.attacks_from_config(config.evaluation), jax.random.key(config.seed + 1), mesh,
+      batch_size=config.evaluation.batch_size,
+      unroll=training.unroll_attack_loops(config.evaluation.loop))
+
+
+def _describe(spec: arch.NetworkSpec, info: data.DatasetInfo) -> dict:
+  """Params and MACs of `spec` on this dataset's images."""
+  h, _, c = info.image_shape
+  return {"params": arch.count_params(spec, info.num_classes, c),
+          "macs": arch.count_macs(spec, h, info.num_classes, c)}
+
+
+# ---------------------------------------------------------------------------------------------
+# mode='train'.
+# ---------------------------------------------------------------------------------------------
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Adversarially trains the configured network and evaluates it on the test split."""
   mesh = parallel.data_mesh()
-  config_lib.validate(config, num_devices=len(jax.devices()))
-  os.makedirs(workdir, exist_ok=True)
-  enable_compilation_cache(config.compilation_cache_dir or os.path.join(workdir, "jax_cache"))
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
-
   dataset = load_dataset(config)
   info = dataset.info
   spec = arch.teacher(config.model.arch)
   model = models.build(spec, info.num_classes, info.mean, info.std)
-  print(f"{config.model.arch}: {arch.count_params(spec, info.num_classes, info.image_shape[-1]):,}"
-        f" params, {arch.count_macs(spec, info.image_shape[0], info.num_classes, info.image_shape[-1]):,}"
-        f" MACs; {info.name}: {len(dataset.train)} train / {len(dataset.validation)} validation /"
-        f" {len(dataset.test)} test; {len(jax.devices())} {jax.default_backend()} device(s)")
-
+  sizes = _describe(spec, info)
+  print(f"{config.model.arch}: {sizes['params']:,} params, {sizes['macs']:,} MACs; {info.name}: "
+        f"{len(dataset.train)} train / {len(dataset.validation)} validation / "
+        f"{len(dataset.test)} test; {len(jax.devices())} {jax.default_backend()} device(s)")
   state = training.train(model, dataset.train, info.image_shape, config, workdir, mesh)
   variables = training.eval_variables(state, use_ema=config.training.ema_decay > 0)
-  results = evaluate.evaluate(
-      model, variables, _evaluation_split(dataset.test, config.evaluation.max_examples),
-      evaluate.attacks_from_config(config.evaluation), jax.random.key(config.seed + 1), mesh,
-      batch_size=config.evaluation.batch_size,
-      unroll=training.unroll_attack_loops(config.attack.loop))
+  results = evaluate_on_test(config, model, variables, dataset.test, mesh)
   table = evaluate.format_table(results)
   print(f"\nTest split of {info.name}, {config.model.arch}, eval-mode BN:\n{table}")
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"arch": spec.to_dict(), "dataset": info.name, "results": results}, f, indent=2)
+  _write_json(os.path.join(workdir, "results.json"),
+              {"arch": spec.to_dict(), "dataset": info.name, "results": results})
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table + "\n")
   return results
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the job that `config.mode` names."""
-  return train_and_evaluate(config, workdir)
+# ---------------------------------------------------------------------------------------------
+# mode='search': the RC-NAS pipeline.
+# ---------------------------------------------------------------------------------------------
+
+
+def _with_training_epochs(config: ml_collections.ConfigDict, epochs: int):
+  """A copy of `config` whose training runs for `epochs`."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.training.epochs = epochs
+  return c
+
+
+def train_teachers(config, datasets: dict[str, data.Dataset], pairs, workdir: str, mesh) -> dict:
+  """Trained variables of every (dataset, teacher) pair: loaded from exports, or trained here."""
+  teachers = {}
+  for dataset_name, teacher_name in sorted(pairs):
+    name = f"{dataset_name}-{teacher_name}"
+    if config.teacher.checkpoint_dir:
+      teachers[(dataset_name, teacher_name)] = export.load_student(
+          os.path.join(config.teacher.checkpoint_dir, name)).variables
+      continue
+    dataset = datasets[dataset_name]
+    info = dataset.info
+    spec = arch.teacher(teacher_name)
+    model = models.build(spec, info.num_classes, info.mean, info.std)
+    print(f"teacher {name}: {_describe(spec, info)['macs']:,} MACs")
+    state = training.train(model, dataset.train, info.image_shape,
+                           _with_training_epochs(config, config.teacher.epochs),
+                           os.path.join(workdir, "teachers", name), mesh)
+    teachers[(dataset_name, teacher_name)] = training.eval_variables(
+        state, config.training.ema_decay > 0)
+  return teachers
+
+
+def _spec_name(spec: arch.NetworkSpec) -> str:
+  """A readable directory name for a student, e.g. 'd1-2-1_w8b-16r-32b_s1-2-2'."""
+  depths = "-".join(str(s.depth) for s in spec.stages)
+  widths = "-".join(f"{s.channels}{s.block[0]}" for s in spec.stages)
+  strides = "-".join(str(s.stride) for s in spec.stages)
+  return f"d{depths}_w{widths}_s{strides}"
+
+
+def _final_student(env, task: Task, method: str, spec: arch.NetworkSpec, workdir: str) -> dict:
+  """Full adversarial training of one student, then the test-split evaluation.
+
+  Results are kept per student, so methods that found the same student share one training.
+  """
+  directory = os.path.join(workdir, "final", _spec_name(spec))
+  path = os.path.join(directory, "results.json")
+  done = _read_json(path)
+  dataset = env.datasets[task.dataset]
+  if done is None:
+    print(f"final training of the {method} student {_spec_name(spec)}")
+    model, variables = env_lib.train_student(env, task, spec, env.config, dataset.train,
+                                             workdir=directory, progress=True)
+    results = evaluate_on_test(env.config, model, variables, dataset.test, env.mesh)
+    done = {"spec": spec.to_dict(), **_describe(spec, dataset.info), "results": results}
+    export.export_student(os.path.join(directory, "export"), spec, variables,
+                          num_classes=dataset.info.num_classes,
+                          image_shape=dataset.info.image_shape, mean=dataset.info.mean,
+                          std=dataset.info.std, metrics=done)
+    _write_json(path, done)
+  if method == "RC-NAS" and not os.path.exists(os.path.join(workdir, "export")):
+    shutil.copytree(os.path.join(directory, "export"), os.path.join(workdir, "export"))
+  return {"method": method, **done}
+
+
+def _teacher_row(env, task: Task, workdir: str) -> dict:
+  """The teacher itself, evaluated on the test split."""
+  path = os.path.join(workdir, "final", "teacher", "results.json")
+  done = _read_json(path)
+  if done is None:
+    dataset = env.datasets[task.dataset]
+    info = dataset.info
+    spec = arch.teacher(task.teacher)
+    model = models.build(spec, info.num_classes, info.mean, info.std)
+    results = evaluate_on_test(env.config, model, env.teachers[(task.dataset, task.teacher)],
+                               dataset.test, env.mesh)
+    done = {"method": f"teacher ({task.teacher})", "spec": spec.to_dict(),
+            **_describe(spec, info), "results": results}
+    _write_json(path, done)
+  return done
+
+
+class _Timer:
+  """Wall time of each phase, kept from the run that first finished it."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.times = _read_json(path) or {}
+
+  def run(self, name: str, fn):
+    started = time.perf_counter()
+    value = fn()
+    if name not in self.times:
+      self.times[name] = round(time.perf_counter() - started, 1)
+      _write_json(self.path, self.times)
+    return value
+
+
+def rc_nas(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The whole RC-NAS pipeline; returns the report."""
+  mesh = parallel.data_mesh()
+  s = config.search
+  timer = _Timer(os.path.join(workdir, "timings.json"))
+  names = sorted(set(s.datasets) | {s.target.dataset})
+  datasets = timer.run("data", lambda: {n: load_dataset(config, n) for n in names})
+  infos = {n: d.info for n, d in datasets.items()}
+  target_info = infos[s.target.dataset]
+  target = search.target_task(config, target_info.image_shape[0], target_info.num_classes,
+                              target_info.image_shape[-1])
+  pairs = {(d, t) for d in s.datasets for t in s.teachers} | {(target.dataset, target.teacher)}
+  teachers = timer.run("teachers", lambda: train_teachers(config, datasets, pairs, workdir, mesh))
+  env = env_lib.Environment(config, datasets, teachers, mesh,
+                            env_lib.EvaluationCache(os.path.join(workdir, "evaluations.jsonl")),
+                            ProbeCache(os.path.join(workdir, "probes.json")))
+  observation = env_lib.observe(env, target)
+  fresh = search.fresh_search_state(config, observation)
+  print(f"target task: {target.key()} (held out of meta-training)")
+
+  phases = {}
+  meta_state, phases["meta"] = timer.run("meta-training", lambda: search.run_phase(
+      "meta", env, lambda i: search.meta_task(config, i, target, infos), s.meta_updates, fresh,
+      workdir))
+  meta_trained = {"params": meta_state["params"],
+                  "opt_state": optax.adam(s.policy.learning_rate).init(meta_state["params"]),
+                  "iteration": fresh["iteration"]}
+  _, phases["finetune"] = timer.run("fine-tuning", lambda: search.run_phase(
+      "finetune", env, lambda i: target, s.finetune_updates, meta_trained, workdir))
+  if "rnas" in s.baselines:
+    _, phases["rnas"] = timer.run("R-NAS", lambda: search.run_phase(
+        "rnas", env, lambda i: target, s.finetune_updates, fresh, workdir))
+  if "random" in s.baselines:
+    _, phases["random"] = timer.run("random search", lambda: search.run_phase(
+        "random", env, lambda i: target, s.finetune_updates, fresh, workdir, learn=False))
+
+  info = target_info
+  candidates = {"hand-scaled RobustResNet": arch.compound_scaled(
+      target.budget_macs, info.image_shape[0], info.num_classes, info.image_shape[-1],
+      s.width_multiple)}
+  for phase, method in (("random", "random search"), ("rnas", "R-NAS"), ("finetune", "RC-NAS")):
+    best = search.best_episode(phases.get(phase, []))
+    if best is not None:
+      candidates[method] = arch.spec_from_dict(best["spec"])
+  rows = [timer.run("teacher evaluation", lambda: _teacher_row(env, target, workdir))]
+  for method, spec in candidates.items():
+    rows.append(timer.run(f"final: {method}", lambda: _final_student(env, target, method, spec,
+                                                                       workdir)))
+  return report.write(workdir, config, target, rows, phases, timer.times)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+  """Validates the config, then runs the job that `config.mode` names."""
+  config_lib.validate(config, num_devices=len(jax.devices()))
+  os.makedirs(workdir, exist_ok=True)
+  enable_compilation_cache(config.compilation_cache_dir or os.path.join(workdir, "jax_cache"))
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json(indent=2))
+  if config.mode == "train":
+    return train_and_evaluate(config, workdir)
+  return rc_nas(config, workdir)

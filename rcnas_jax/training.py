@@ -94,9 +94,9 @@ def optimizer(t: ml_collections.ConfigDict, total_steps: int) -> optax.GradientT
 
 
 def create_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-                 image_shape) -> State:
-  """A fresh train state."""
-  variables = models.init(model, key, image_shape)
+                 image_shape, variables: dict | None = None) -> State:
+  """A train state at step 0, from `variables` or a fresh initialisation."""
+  variables = variables or models.init(model, key, image_shape)
   return {
       "step": jnp.zeros((), jnp.int32),
       "params": variables["params"],
@@ -216,11 +216,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, settings
 
 
 def train(model: nn.Module, split: data.Split, image_shape, config: ml_collections.ConfigDict,
-          workdir: str, mesh: Mesh, *, teacher: tuple[nn.Module, dict] | None = None,
-          max_steps: int | None = None, progress: bool = True) -> State:
+          workdir: str | None, mesh: Mesh, *, init_variables: dict | None = None,
+          teacher: tuple[nn.Module, dict] | None = None, max_steps: int | None = None,
+          progress: bool = True) -> State:
   """Trains `model` on `split` per `config`, resuming from `workdir`; returns the final state.
 
-  `max_steps` stops early after that global step (the schedule is unchanged), as a kill would.
+  `init_variables` replace the fresh initialisation (e.g. weights inherited from a teacher).
+  Without a workdir nothing is written (short proxy runs). `max_steps` stops early after that
+  global step (the schedule is unchanged), as a kill would.
   """
   t = config.training
   steps_per_epoch = data.steps_per_epoch(split, t.batch_size)
@@ -229,13 +232,15 @@ def train(model: nn.Module, split: data.Split, image_shape, config: ml_collectio
   settings = settings_from_config(config)
   key = jax.random.key(config.seed)
   init_key, step_key = jax.random.split(key)
-  state = parallel.replicate(mesh, jax.jit(
-      lambda k: create_state(model, tx, k, image_shape))(init_key))
-  manager = checkpoint.manager(f"{workdir}/checkpoints")
-  state = checkpoint.restore_latest(manager, state, parallel.replicated(mesh)) or state
+  state = jax.jit(lambda k, v: create_state(model, tx, k, image_shape, v))(init_key,
+                                                                          init_variables)
+  state = parallel.replicate(mesh, state)
+  manager = checkpoint.manager(f"{workdir}/checkpoints") if workdir else None
+  if manager:
+    state = checkpoint.restore_latest(manager, state, parallel.replicated(mesh)) or state
   teacher_model, teacher_variables = teacher if teacher else (None, None)
   step_fn = make_train_step(model, tx, settings, mesh, teacher_model)
-  writer = metrics.MetricsWriter(workdir)
+  writer = metrics.MetricsWriter(workdir) if workdir else None
   stop = min(total_steps, max_steps or total_steps)
   start = int(state["step"])
   bar = metrics.progress(total=stop, initial=start, desc="train", disable=not progress)
@@ -244,15 +249,17 @@ def train(model: nn.Module, split: data.Split, image_shape, config: ml_collectio
         mesh, *data.batch_at(split, t.batch_size, seed=config.seed, step=step))
     state, step_metrics = step_fn(state, images, labels, step_key, teacher_variables)
     done = step + 1
-    if done % t.log_every_steps == 0 or done == stop:
+    if writer and (done % t.log_every_steps == 0 or done == stop):
       record = {k: float(v) for k, v in step_metrics.items()}
       record["epoch"] = done / steps_per_epoch
       writer.write(done, record)
       bar.set_postfix(loss=f"{record['loss']:.3f}")
-    if done % t.checkpoint_every_steps == 0 or done % steps_per_epoch == 0 or done == stop:
+    if manager and (done % t.checkpoint_every_steps == 0 or done % steps_per_epoch == 0
+                    or done == stop):
       checkpoint.save(manager, done, state)
     bar.update(1)
   bar.close()
-  manager.wait_until_finished()
-  manager.close()
+  if manager:
+    manager.wait_until_finished()
+    manager.close()
   return state

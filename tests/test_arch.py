@@ -145,3 +145,13 @@ def test_robust_students_keep_at_least_16_channels():
   teacher = arch.TEACHERS["tiny-8"]
   actions = tuple(arch.StageAction(1.0, 0.1, s.stride == 2, True) for s in teacher.stages)
   assert arch.compress(teacher, actions, image_size=8).widths == (16, 16, 16)
+
+
+@pytest.mark.parametrize("gmacs", [5.0, 10.0])
+def test_compound_scaling_fills_the_budget_like_robustresnet(gmacs):
+  spec = arch.compound_scaled(int(gmacs * 1e9))
+  macs = arch.count_macs(spec)
+  assert 0.85 * gmacs * 1e9 <= macs <= gmacs * 1e9
+  d = spec.depths[2]
+  assert spec.depths == (2 * d, 2 * d, d) and {s.block for s in spec.stages} == {"robust"}
+  assert 6 <= d <= 9  # RRN-A1 (5G) has d = 7, RRN-A2 (10G) d = 8.

@@ -300,3 +300,22 @@ def test_tinyimagenet_missing(tmp_path):
     assert "\n" not in message and "tiny-imagenet-200.zip" in message
     assert os.path.join(str(tmp_path), "tiny-imagenet-200") in message
     assert ("not supported" in message) == download
+
+
+def test_max_image_size_averages_blocks():
+  native = data.load("mnist5k")
+  small = data.load("mnist5k", max_image_size=14)
+  assert small.info.image_shape == (14, 14, 1) and len(small.test) == len(native.test)
+  block = native.test.images[0, :2, :2, 0].astype(np.float32).mean()
+  assert small.test.images[0, 0, 0, 0] == np.round(block)
+  assert data.load("digits", max_image_size=14).info.image_shape == (8, 8, 1)
+
+
+def test_sample_is_stratified_where_the_source_is_sorted_by_class():
+  mnist = data.load("mnist5k")
+  head = mnist.validation.labels[:100]
+  assert len(np.unique(head)) < 10  # The source order is sorted by class: a biased head.
+  sampled = data.sample(mnist.validation, 100)
+  assert np.all(np.bincount(sampled.labels, minlength=10) == 10)
+  assert data.sample(mnist.validation, 100).images.tobytes() == sampled.images.tobytes()
+  assert data.sample(mnist.validation, 0) is mnist.validation

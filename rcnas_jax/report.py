@@ -1,0 +1,120 @@
+"""The search's report: one row per method with sizes, test accuracies and attack settings,
+plus the plots (reward per update, robust accuracy vs MACs, teacher-vs-student topology).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # Files only; no display needed.
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rcnas_jax import arch, search  # noqa: E402
+
+PHASE_LABELS = {"meta": "meta-training", "finetune": "RC-NAS fine-tuning", "rnas": "R-NAS",
+                "random": "random search"}
+
+
+def markdown(report: dict) -> str:
+  """The report as Markdown: the table, the attack settings and the search statistics."""
+  attacks = list(report["rows"][0]["results"])
+  header = "| method | params | MACs | " + " | ".join(f"{a} (%)" for a in attacks) + " |"
+  lines = [f"# RC-NAS report: {report['target']}", "",
+           f"Test split, {report['n_examples']} examples, eval-mode BN; budget "
+           f"{report['budget_macs']:,} MACs.", "", header,
+           "|---|---:|---:|" + "---:|" * len(attacks)]
+  for row in report["rows"]:
+    accuracies = " | ".join(f"{100 * row['results'][a]['accuracy']:.2f}" for a in attacks)
+    over = "" if row["macs"] <= report["budget_macs"] else " (over budget)"
+    lines.append(f"| {row['method']} | {row['params']:,} | {row['macs']:,}{over} | "
+                 f"{accuracies} |")
+  lines += ["", "Attacks:"] + [f"- {a}: {report['rows'][0]['results'][a]['attack']}"
+                               for a in attacks]
+  lines += ["", "| search phase | evaluations | best validation reward | evaluations to best |",
+            "|---|---:|---:|---:|"]
+  for phase, stats in report["search"].items():
+    lines.append(f"| {PHASE_LABELS[phase]} | {stats['evaluations']} | "
+                 f"{stats['best_reward']:.4f} | {stats['evaluations_to_best']} |")
+  lines += ["", "Wall time per phase (s): " + ", ".join(
+      f"{k} {v}" for k, v in report["timings"].items())]
+  return "\n".join(lines) + "\n"
+
+
+def plot_rewards(phases: dict[str, list[dict]], path: str) -> None:
+  """Mean and best reward of each update, per phase."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for phase, episodes in phases.items():
+    iterations = sorted({e["iteration"] for e in episodes})
+    rewards = [[e["reward"] for e in episodes if e["iteration"] == i] for i in iterations]
+    ax.plot(iterations, [np.mean(r) for r in rewards], marker="o", label=PHASE_LABELS[phase])
+  ax.set(xlabel="update", ylabel="mean reward of the M students", title="Reward per update")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_accuracy_vs_macs(phases: dict[str, list[dict]], budget_macs: int, path: str) -> None:
+  """Validation robust accuracy of every evaluated student against its MACs."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for phase, episodes in phases.items():
+    valid = [e for e in episodes if e["valid"]]
+    ax.scatter([e["macs"] for e in valid], [100 * e["robust_accuracy"] for e in valid], s=14,
+               alpha=0.7, label=PHASE_LABELS[phase])
+  ax.axvline(budget_macs, color="k", linestyle="--", label="budget")
+  ax.set(xlabel="MACs", ylabel="validation robust accuracy (%)", xscale="log",
+         title="Evaluated students")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_topology(teacher: arch.NetworkSpec, student: arch.NetworkSpec, path: str) -> None:
+  """Per-stage depth and width bars of the teacher and the student (the paper's figure)."""
+  fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+  stages = np.arange(len(teacher.stages))
+  for ax, field, label in ((axes[0], "depth", "blocks"), (axes[1], "out_channels", "channels")):
+    ax.bar(stages - 0.2, [getattr(s, field) for s in teacher.stages], 0.4, label="teacher")
+    ax.bar(stages + 0.2, [getattr(s, field) for s in student.stages], 0.4, label="RC-NAS student")
+    for i, s in enumerate(student.stages):
+      ax.text(i + 0.2, getattr(s, field), ("R" if s.block == "robust" else "B") +
+              ("/2" if s.stride == 2 else ""), ha="center", va="bottom", fontsize=8)
+    ax.set(xticks=stages, xticklabels=[f"stage {i + 1}" for i in stages], ylabel=label)
+  axes[0].legend()
+  fig.suptitle("Teacher vs student (R = robust block, B = basic, /2 = downsamples)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write(workdir: str, config, target, rows: list[dict], phases: dict[str, list[dict]],
+          timings: dict) -> dict:
+  """Writes report.json, report.md and the plots; returns the report."""
+  report = {
+      "target": target.key(), "budget_macs": target.budget_macs,
+      "n_examples": rows[0]["results"][next(iter(rows[0]["results"]))]["n_examples"],
+      "rows": rows,
+      "search": {phase: {"evaluations": len(episodes),
+                         "best_reward": max(e["reward"] for e in episodes),
+                         "evaluations_to_best": search.evaluations_to_best(episodes)}
+                 for phase, episodes in phases.items() if episodes},
+      "timings": timings, "seed": config.seed,
+  }
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  text = markdown(report)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(text)
+  plot_rewards(phases, os.path.join(workdir, "rewards.png"))
+  plot_accuracy_vs_macs(phases, target.budget_macs, os.path.join(workdir, "accuracy_vs_macs.png"))
+  student = next((r for r in rows if r["method"] == "RC-NAS"), None)
+  if student:
+    plot_topology(arch.teacher(target.teacher), arch.spec_from_dict(student["spec"]),
+                  os.path.join(workdir, "topology.png"))
+  print("\n" + text)
+  return report
