@@ -14,24 +14,11 @@ Expected cost (estimated from FLOPs, not measured): a TRADES step costs ~36 forw
 100-epoch WRN-28-10 training is ~1.9e18 FLOPs (several hours on one H100 in bf16). Teachers: 8
 such trainings, up to 7x larger (WRN-70-16), unless --config.teacher.checkpoint_dir points at
 exported teachers. Search: (20 + 3 x 10) x 5 = 250 proxy trainings of 5 epochs on 10k images
-(~1/100 of a full training each). End to end, days on one GPU; see launch/ for pods.
+(~1/100 of a full training each). End to end, days on one GPU.
 """
 
 from rcnas_jax import config as config_lib
 
 
 def get_config():
-  c = config_lib.paper_recipe(config_lib.base_config())
-  c.mode = "search"
-  c.dataset.name = "cifar100"
-  c.model.arch = "WRN-34-10"  # mode='train' only.
-  c.teacher.epochs = 100
-  c.search.update(datasets=("cifar10", "cifar100"), attacks=("fgsm", "pgd-10", "cw-20"),
-                  teachers=("WRN-28-10", "WRN-34-10", "WRN-46-14", "WRN-70-16"),
-                  budget_range=(0.1, 0.6), students_per_update=5, meta_updates=20,
-                  finetune_updates=10, probe_size=256)
-  c.search.target.update(dataset="cifar100", attack="pgd-20", teacher="WRN-34-10",
-                         budget_macs=5_000_000_000)
-  c.search.proxy.update(epochs=5, train_examples=10_000, validation_examples=1000,
-                        batch_size=128, learning_rate=0.1, attack_steps=5)
-  return c
+  return config_lib.paper_search(config_lib.base_config(), "cifar100")

@@ -148,6 +148,24 @@ def paper_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def paper_search(c: ml_collections.ConfigDict, target_dataset: str) -> ml_collections.ConfigDict:
+  """The paper-scale search: WRN teachers, CIFAR-10/100 buffers, a 5-GMAC held-out target."""
+  c = paper_recipe(c)
+  c.mode = "search"
+  c.dataset.name = target_dataset
+  c.model.arch = "WRN-34-10"  # mode='train' only.
+  c.teacher.epochs = 100
+  c.search.update(datasets=("cifar10", "cifar100"), attacks=("fgsm", "pgd-10", "cw-20"),
+                  teachers=("WRN-28-10", "WRN-34-10", "WRN-46-14", "WRN-70-16"),
+                  budget_range=(0.1, 0.6), students_per_update=5, meta_updates=20,
+                  finetune_updates=10, probe_size=256)
+  c.search.target.update(dataset=target_dataset, attack="pgd-20", teacher="WRN-34-10",
+                         budget_macs=5_000_000_000)
+  c.search.proxy.update(epochs=5, train_examples=10_000, validation_examples=1000,
+                        batch_size=128, learning_rate=0.1, attack_steps=5)
+  return c
+
+
 def _fail(field: str, value, allowed: str):
   raise ConfigError(f"config.{field}={value!r}: expected {allowed}")
 
