@@ -18,12 +18,12 @@ def get_config():
   c.dataset.max_train_examples = 2000  # Caps MNIST-5k's 3,600 (digits has 1,294).
   c.dataset.max_image_size = 14  # MNIST-5k at 14x14: a CPU search is compile- and size-bound.
   c.attack.update(eps=0.1, step_size=0.025, num_steps=5)
-  c.training.update(epochs=8, batch_size=64, learning_rate=0.05, schedule="cosine",
+  c.training.update(epochs=6, batch_size=64, learning_rate=0.05, schedule="cosine",
                     warmup_epochs=1.0, log_every_steps=20)
   c.teacher.epochs = 4
   c.search.update(datasets=("digits", "mnist5k"), attacks=("fgsm", "pgd-5"),
-                  teachers=("tiny-8",), budget_range=(0.2, 0.6), students_per_update=3,
-                  meta_updates=3, finetune_updates=2, probe_size=64)
+                  teachers=("tiny-8",), budget_range=(0.2, 0.6), students_per_update=2,
+                  meta_updates=4, finetune_updates=2, probe_size=64)
   c.search.target.update(dataset="digits", attack="cw-10", teacher="WRN-10-2",
                          budget_fraction=0.4)
   # Proxies train with single-step PGD-AT (random start, step 2.5 eps): on CPU a search is

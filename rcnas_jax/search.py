@@ -49,15 +49,17 @@ def target_task(config: ml_collections.ConfigDict, image_size: int, num_classes:
 
 def meta_task(config: ml_collections.ConfigDict, iteration: int, target: Task,
               dataset_infos: dict) -> Task:
-  """A random task from the buffers for one meta-training update (never the target's pair)."""
+  """The task of one meta-training update: a (dataset, attack) pair from a seeded cycle through
+  the buffers (never the target's pair, every pair once per cycle), a random teacher and budget.
+  """
   s = config.search
-  rng = np.random.default_rng((config.seed, 7, iteration))
-  while True:
-    dataset = s.datasets[rng.integers(len(s.datasets))]
-    attack = parse_attack(s.attacks[rng.integers(len(s.attacks))], config.attack.eps,
-                          config.attack.norm)
-    if (dataset, attack) != (target.dataset, target.attack):
-      break
+  pairs = [(d, parse_attack(a, config.attack.eps, config.attack.norm))
+           for d in s.datasets for a in s.attacks]
+  pairs = [p for p in pairs if p != (target.dataset, target.attack)]
+  cycle, position = divmod(iteration, len(pairs))
+  order = np.random.default_rng((config.seed, 7, cycle)).permutation(len(pairs))
+  dataset, attack = pairs[order[position]]
+  rng = np.random.default_rng((config.seed, 8, iteration))
   teacher = s.teachers[rng.integers(len(s.teachers))]
   info = dataset_infos[dataset]
   teacher_macs = arch.count_macs(arch.teacher(teacher), info.image_shape[0], info.num_classes,
