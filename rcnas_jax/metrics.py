@@ -1,4 +1,4 @@
-"""Metrics as JSONL lines in the workdir, and progress bars for long loops."""
+"""Metrics as JSONL lines and TensorBoard event files in the workdir; progress bars."""
 
 from __future__ import annotations
 
@@ -6,20 +6,29 @@ import json
 import os
 import time
 
+import tensorboardX
 import tqdm
 
 
 class MetricsWriter:
-  """Appends one JSON object per call to <workdir>/<name>.jsonl."""
+  """Appends one JSON object per call to <workdir>/<name>.jsonl, and the numbers to TensorBoard."""
 
   def __init__(self, workdir: str, name: str = "metrics"):
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, f"{name}.jsonl")
+    self.board = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, values: dict) -> None:
-    """Records `values` at `step`, with the wall-clock time."""
+    """Records `values` at `step`, with the wall-clock time; both files are flushed."""
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+    for name, value in values.items():
+      if isinstance(value, (int, float)):
+        self.board.add_scalar(name, value, step)
+    self.board.flush()
+
+  def close(self) -> None:
+    self.board.close()
 
 
 def read(path: str) -> list[dict]:

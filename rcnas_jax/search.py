@@ -176,6 +176,7 @@ def run_phase(name: str, env: env_lib.Environment, task_for: Callable[[int], Tas
   start = int(state["iteration"])
   log_path = os.path.join(directory, "episodes.jsonl")
   episodes = _keep_before(log_path, start)
+  writer = metrics.MetricsWriter(directory)
   bar = metrics.progress(total=num_updates, initial=start, desc=name, disable=not progress)
   for iteration in range(start, num_updates):
     task = task_for(iteration)
@@ -202,6 +203,9 @@ def run_phase(name: str, env: env_lib.Environment, task_for: Callable[[int], Tas
       for record in new:
         f.write(json.dumps(record) + "\n")
     episodes += new
+    writer.write(iteration + 1, {"mean_reward": float(rewards.mean()),
+                                 "best_reward": max(e["reward"] for e in episodes),
+                                 **{k: float(v) for k, v in info.items()}})
     checkpoint.save(manager, iteration + 1, state)
     manager.wait_until_finished()
     bar.set_postfix(mean_reward=f"{float(rewards.mean()):.3f}",
@@ -210,6 +214,7 @@ def run_phase(name: str, env: env_lib.Environment, task_for: Callable[[int], Tas
     bar.update(1)
   bar.close()
   manager.close()
+  writer.close()
   return state, episodes
 
 

@@ -262,4 +262,6 @@ def train(model: nn.Module, split: data.Split, image_shape, config: ml_collectio
   if manager:
     manager.wait_until_finished()
     manager.close()
+  if writer:
+    writer.close()
   return state

@@ -175,3 +175,29 @@ def test_resume_after_a_stop_is_bit_identical(tmp_path, digits):
   assert int(resumed["step"]) == int(straight["step"]) == 2 * 4
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_metrics_are_written_as_jsonl_and_tensorboard_events(tmp_path):
+  writer = metrics.MetricsWriter(str(tmp_path))
+  writer.write(3, {"loss": 0.5, "note": "text is JSON only"})
+  writer.write(4, {"loss": 0.25})
+  writer.close()
+  records = metrics.read(tmp_path / "metrics.jsonl")
+  assert [(r["step"], r["loss"]) for r in records] == [(3, 0.5), (4, 0.25)]
+  scalars = []
+  for path in (tmp_path / "tensorboard").iterdir():
+    scalars += [(e.step, v.tag, v.simple_value) for e in _read_events(path) for v in e.summary.value]
+  assert sorted(scalars) == [(3, "loss", 0.5), (4, "loss", 0.25)]
+
+
+def _read_events(path):
+  """Event protos of a TensorBoard file (TFRecord framing: length, crc, data, crc)."""
+  import struct  # noqa: PLC0415
+
+  from tensorboardX.proto import event_pb2  # noqa: PLC0415
+  raw, events, offset = path.read_bytes(), [], 0
+  while offset < len(raw):
+    (length,) = struct.unpack("<Q", raw[offset:offset + 8])
+    events.append(event_pb2.Event.FromString(raw[offset + 12:offset + 12 + length]))
+    offset += 12 + length + 4
+  return events
