@@ -1,7 +1,5 @@
 """Weight inheritance: identity students, exact channel selection, jit, fresh init elsewhere."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np

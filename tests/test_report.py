@@ -1,6 +1,6 @@
 """The report: Markdown table with settings, and the three plots."""
 
-from rcnas_jax import arch, report, search
+from rcnas_jax import arch, config as config_lib, report
 from rcnas_jax.state import Task, ThreatModel
 
 
@@ -12,7 +12,6 @@ def _row(method, macs, accuracy):
 
 
 def test_report_files_and_table(tmp_path):
-  from rcnas_jax import config as config_lib
   task = Task("digits", ThreatModel("cw", 0.1, 10), "tiny-8", 1000)
   episodes = [{"phase": "finetune", "iteration": i // 2, "reward": 0.1 * i, "valid": True,
                "macs": 500 + i, "robust_accuracy": 0.1 * i} for i in range(6)]
