@@ -206,7 +206,8 @@ def _validate_search(config) -> None:
     if not names or any(n not in allowed for n in names):
       _fail(f"search.{field}", tuple(names), "a non-empty tuple of " + ", ".join(allowed))
   if not s.attacks or not _attack_names(s.attacks):
-    _fail("search.attacks", tuple(s.attacks), "a non-empty tuple of clean, fgsm, pgd-<steps>, cw-<steps>")
+    _fail("search.attacks", tuple(s.attacks),
+          "a non-empty tuple of clean, fgsm, pgd-<steps>, cw-<steps>")
   if not _attack_names((s.target.attack,)):
     _fail("search.target.attack", s.target.attack, "clean, fgsm, pgd-<steps> or cw-<steps>")
   _one_of(config, "search.target.dataset", data.DATASETS)

@@ -83,7 +83,7 @@ def proxy_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
                     learning_rate=proxy.learning_rate, distill_weight=proxy.distill_weight,
                     schedule="cosine", warmup_epochs=0.0, ema_decay=0.0)
   c.attack.num_steps = proxy.attack_steps
-  c.attack.step_size = 2.5 * c.attack.eps / proxy.attack_steps
+  c.attack.step_size = state_lib.ThreatModel("pgd", c.attack.eps, proxy.attack_steps).step_size
   return c
 
 
@@ -98,6 +98,9 @@ def threat_settings(task: Task) -> evaluate.AttackSettings:
   return evaluate.AttackSettings(a.name, a.eps, a.step_size, a.num_steps, a.norm)
 
 
+_inherit = jax.jit(inherit.inherit, static_argnums=(2, 3))  # One wrapper, one compile cache.
+
+
 def train_student(env: Environment, task: Task, spec: arch.NetworkSpec, config, split,
                   workdir: str | None = None, progress: bool = False):
   """Full adversarial training of `spec` from the task's teacher; returns (model, variables)."""
@@ -107,8 +110,7 @@ def train_student(env: Environment, task: Task, spec: arch.NetworkSpec, config, 
   teacher_variables = env.teachers[(task.dataset, task.teacher)]
   model = models.build(spec, info.num_classes, info.mean, info.std)
   fresh = models.init(model, jax.random.key(config.seed), info.image_shape)
-  initial = jax.jit(inherit.inherit, static_argnums=(2, 3))(teacher_variables, fresh,
-                                                             teacher_spec, spec)
+  initial = _inherit(teacher_variables, fresh, teacher_spec, spec)
   teacher = None
   if config.training.distill_weight:
     teacher = (models.build(teacher_spec, info.num_classes, info.mean, info.std),

@@ -34,7 +34,7 @@ def conv(features: int, kernel: int = 3, stride: int = 1, groups: int = 1, name=
 
 
 class BasicBlock(nn.Module):
-  """Pre-activation WRN block: act(BN(x)) -> conv3x3(stride) -> act(BN) -> conv3x3, plus shortcut."""
+  """Pre-activation WRN block: act(BN(x)) -> conv3x3(stride) -> act(BN) -> conv3x3 + shortcut."""
 
   channels: int
   stride: int

@@ -1,4 +1,4 @@
-"""Learning to compress: policy-gradient updates, meta-training, fine-tuning and baselines (SPEC §6).
+"""Learning to compress: policy-gradient updates, meta-training, fine-tuning, baselines (SPEC §6).
 
 Each update samples M students for one task from the multi-head policy, evaluates them in the
 environment and takes one step of REINFORCE with a value baseline and an entropy bonus (or a

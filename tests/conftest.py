@@ -21,7 +21,8 @@ _connect = socket.socket.connect
 def _loopback_only(self, address):
   """Allows connections to this machine only: a test must never reach a download."""
   host = address[0] if isinstance(address, tuple) else "localhost"
-  if self.family != socket.AF_UNIX and not (host.startswith("127.") or host in ("localhost", "::1")):
+  loopback = host.startswith("127.") or host in ("localhost", "::1")
+  if self.family != socket.AF_UNIX and not loopback:
     raise RuntimeError(f"test tried to reach the network ({address}): forbidden")
   return _connect(self, address)
 

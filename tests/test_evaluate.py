@@ -27,7 +27,8 @@ def test_clean_accuracy_equals_a_direct_computation_with_padding(setup):
   expected = float(np.mean(np.argmax(logits, 1) == split.labels))
   for devices, batch in [(1, 16), (8, 16), (8, 64)]:
     result = evaluate.robust_accuracy(model, variables, split, evaluate.AttackSettings("clean"),
-                                      jax.random.key(0), parallel.data_mesh(jax.devices()[:devices]),
+                                      jax.random.key(0),
+                                      parallel.data_mesh(jax.devices()[:devices]),
                                       batch_size=batch)
     assert result["accuracy"] == pytest.approx(expected)
     assert result["n_examples"] == 37

@@ -34,7 +34,8 @@ def _student(teacher_spec, teacher_variables, actions, seed=3):
 
 TEACHERS = [
     arch.NetworkSpec(stages=(arch.StageSpec(2, 16, 1), arch.StageSpec(2, 24, 2))),
-    arch.NetworkSpec(stages=(arch.StageSpec(2, 16, 1, "robust"), arch.StageSpec(1, 32, 2, "robust"))),
+    arch.NetworkSpec(stages=(arch.StageSpec(2, 16, 1, "robust"),
+                             arch.StageSpec(1, 32, 2, "robust"))),
 ]
 
 
@@ -87,7 +88,8 @@ def test_new_layers_keep_their_fresh_initialisation():
                                 f["stage0_block0"]["shortcut"]["kernel"])
   np.testing.assert_array_equal(s["stage0_block0"]["conv1"]["kernel"],
                                 t["stage0_block0"]["conv1"]["kernel"])
-  for leaf_s, leaf_f in zip(jax.tree.leaves(s["stage1_block0"]), jax.tree.leaves(f["stage1_block0"])):
+  new_block = zip(jax.tree.leaves(s["stage1_block0"]), jax.tree.leaves(f["stage1_block0"]))
+  for leaf_s, leaf_f in new_block:
     np.testing.assert_array_equal(leaf_s, leaf_f)
 
 

@@ -36,7 +36,8 @@ def test_meta_tasks_are_deterministic_and_never_the_target():
   tasks = [search.meta_task(c, i, target, INFOS) for i in range(60)]
   assert tasks == [search.meta_task(c, i, target, INFOS) for i in range(60)]
   assert all((t.dataset, t.attack) != (target.dataset, target.attack) for t in tasks)
-  assert {t.dataset for t in tasks} == {"digits", "mnist5k"} and len({t.teacher for t in tasks}) == 2
+  assert {t.dataset for t in tasks} == {"digits", "mnist5k"}
+  assert len({t.teacher for t in tasks}) == 2
   # Every (dataset, attack) pair but the target's appears once in each cycle of 5 updates.
   assert len({(t.dataset, t.attack) for t in tasks[:5]}) == 5
   for t in tasks:

@@ -186,7 +186,8 @@ def test_metrics_are_written_as_jsonl_and_tensorboard_events(tmp_path):
   assert [(r["step"], r["loss"]) for r in records] == [(3, 0.5), (4, 0.25)]
   scalars = []
   for path in (tmp_path / "tensorboard").iterdir():
-    scalars += [(e.step, v.tag, v.simple_value) for e in _read_events(path) for v in e.summary.value]
+    scalars += [(e.step, v.tag, v.simple_value)
+                for e in _read_events(path) for v in e.summary.value]
   assert sorted(scalars) == [(3, "loss", 0.5), (4, "loss", 0.25)]
 
 
