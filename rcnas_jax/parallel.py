@@ -21,6 +21,15 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(np.array(devices), (DATA_AXIS,))
 
 
+def candidate_meshes(num_slices: int, devices: Sequence[jax.Device] | None = None) -> list[Mesh]:
+  """`num_slices` disjoint data meshes over equal shares of the devices: the candidate axis."""
+  devices = list(jax.devices() if devices is None else devices)
+  if num_slices < 1 or len(devices) % num_slices:
+    raise ValueError(f"{num_slices} candidate slices do not divide {len(devices)} devices")
+  size = len(devices) // num_slices
+  return [data_mesh(devices[i * size:(i + 1) * size]) for i in range(num_slices)]
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """Every device holds the whole value."""
   return NamedSharding(mesh, PartitionSpec())
