@@ -31,8 +31,5 @@ def get_config():
   c.search.proxy.update(epochs=2, train_examples=512, validation_examples=144, batch_size=64,
                         method="pgd_at", attack_steps=1)
   c.search.policy.hidden = 32
-  # Rolled evaluation loops: a rolled CW-40 compiles in a fraction of the unrolled time, and at
-  # 8x8 the slower rolled run costs little.
-  c.evaluation.update(eps=0.1, pgd_step_size=0.01, cw_step_size=0.01, batch_size=128,
-                      loop="rolled")
+  c.evaluation.update(eps=0.1, pgd_step_size=0.01, cw_step_size=0.01, batch_size=128)
   return c

@@ -181,7 +181,7 @@ def _teacher_row(env, task: Task, workdir: str) -> dict:
   return done
 
 
-class _Timer:
+class PhaseTimer:
   """Wall time of each phase, kept from the run that first finished it."""
 
   def __init__(self, path: str):
@@ -197,27 +197,31 @@ class _Timer:
     return value
 
 
-def rc_nas(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The whole RC-NAS pipeline; returns the report."""
-  mesh = parallel.data_mesh()
+def environment(config: ml_collections.ConfigDict, workdir: str,
+                timer: "PhaseTimer") -> tuple[env_lib.Environment, Task]:
+  """Datasets, trained teachers, meshes and caches for the search, and the target task."""
   s = config.search
-  timer = _Timer(os.path.join(workdir, "timings.json"))
+  mesh = parallel.data_mesh()
   names = sorted(set(s.datasets) | {s.target.dataset})
   datasets = timer.run("data", lambda: {n: load_dataset(config, n) for n in names})
-  infos = {n: d.info for n, d in datasets.items()}
-  target_info = infos[s.target.dataset]
-  target = search.target_task(config, target_info.image_shape[0], target_info.num_classes,
-                              target_info.image_shape[-1])
+  info = datasets[s.target.dataset].info
+  target = search.target_task(config, info.image_shape[0], info.num_classes, info.image_shape[-1])
   pairs = {(d, t) for d in s.datasets for t in s.teachers} | {(target.dataset, target.teacher)}
   teachers = timer.run("teachers", lambda: train_teachers(config, datasets, pairs, workdir, mesh))
   slices = parallel.candidate_meshes(config_lib.candidate_slices(config, len(jax.devices())))
   env = env_lib.Environment(config, datasets, teachers, mesh,
                             env_lib.EvaluationCache(os.path.join(workdir, "evaluations.jsonl")),
                             ProbeCache(os.path.join(workdir, "probes.json")), slices)
-  observation = env_lib.observe(env, target)
-  fresh = search.fresh_search_state(config, observation)
-  print(f"target task: {target.key()} (held out of meta-training)")
+  return env, target
 
+
+def search_phases(env: env_lib.Environment, target: Task, workdir: str,
+                  timer: "PhaseTimer") -> dict[str, list[dict]]:
+  """Meta-training, fine-tuning on the target and the configured baselines; their episodes."""
+  config, s = env.config, env.config.search
+  infos = {n: d.info for n, d in env.datasets.items()}
+  fresh = search.fresh_search_state(config, env_lib.observe(env, target))
+  print(f"target task: {target.key()} (held out of meta-training)")
   phases = {}
   meta_state, phases["meta"] = timer.run("meta-training", lambda: search.run_phase(
       "meta", env, lambda i: search.meta_task(config, i, target, infos), s.meta_updates, fresh,
@@ -233,8 +237,16 @@ def rc_nas(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "random" in s.baselines:
     _, phases["random"] = timer.run("random search", lambda: search.run_phase(
         "random", env, lambda i: target, s.finetune_updates, fresh, workdir, learn=False))
+  return phases
 
-  info = target_info
+
+def rc_nas(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The whole RC-NAS pipeline; returns the report."""
+  s = config.search
+  timer = PhaseTimer(os.path.join(workdir, "timings.json"))
+  env, target = environment(config, workdir, timer)
+  phases = search_phases(env, target, workdir, timer)
+  info = env.datasets[target.dataset].info
   candidates = {"hand-scaled RobustResNet": arch.compound_scaled(
       target.budget_macs, info.image_shape[0], info.num_classes, info.image_shape[-1],
       s.width_multiple)}

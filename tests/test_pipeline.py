@@ -4,6 +4,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -95,3 +96,17 @@ def test_search_pipeline_reports_every_method_and_resumes_to_the_same_report(tmp
   as_json = lambda value: json.loads(json.dumps(value))
   assert as_json(second["rows"]) == as_json(first["rows"])
   assert second["search"] == first["search"]
+  # A run killed (SIGKILL) in the middle of meta-training finishes with the same report.
+  killed = tmp_path / "killed"
+  run = ("import sys; sys.path.insert(0, 'tests'); import test_pipeline as t; "
+         "from rcnas_jax import pipeline; pipeline.run(t._tiny_search_config(), sys.argv[1])")
+  process = subprocess.Popen([sys.executable, "-c", run, str(killed)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  evaluations = killed / "evaluations.jsonl"
+  while process.poll() is None and not (evaluations.exists() and evaluations.stat().st_size):
+    time.sleep(0.1)
+  process.kill()
+  assert process.wait() != 0 and not (killed / "report.json").exists()
+  resumed = pipeline.run(c, str(killed))
+  assert as_json(resumed["rows"]) == as_json(first["rows"])
+  assert resumed["search"] == first["search"]
