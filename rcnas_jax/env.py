@@ -108,8 +108,11 @@ _inherit = jax.jit(inherit.inherit, static_argnums=(2, 3))  # One wrapper, one c
 
 
 def train_student(env: Environment, task: Task, spec: arch.NetworkSpec, config, split,
-                  workdir: str | None = None, progress: bool = False):
-  """Full adversarial training of `spec` from the task's teacher; returns (model, variables)."""
+                  workdir: str | None = None, progress: bool = False, mesh: Mesh | None = None):
+  """Full adversarial training of `spec` from the task's teacher, on `mesh` (default: env's).
+
+  Returns (model, variables).
+  """
   dataset = env.datasets[task.dataset]
   info = dataset.info
   teacher_spec = arch.teacher(task.teacher)
@@ -121,7 +124,7 @@ def train_student(env: Environment, task: Task, spec: arch.NetworkSpec, config, 
   if config.training.distill_weight:
     teacher = (models.build(teacher_spec, info.num_classes, info.mean, info.std),
                teacher_variables)
-  state = training.train(model, split, info.image_shape, config, workdir, env.mesh,
+  state = training.train(model, split, info.image_shape, config, workdir, mesh or env.mesh,
                          init_variables=initial, teacher=teacher, progress=progress)
   return model, training.eval_variables(state, config.training.ema_decay > 0)
 

@@ -8,6 +8,9 @@ report -> export. mode='train': adversarial training and evaluation of one netwo
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import functools
 import json
 import os
 import shutil
@@ -139,32 +142,72 @@ def _spec_name(spec: arch.NetworkSpec) -> str:
   return f"d{depths}_w{widths}_s{strides}"
 
 
-def _final_student(env, task: Task, method: str, spec: arch.NetworkSpec, workdir: str) -> dict:
-  """Full adversarial training of one student, then the test-split evaluation.
+def _train_final(env, task: Task, spec: arch.NetworkSpec, workdir: str, mesh,
+                 progress: bool) -> dict:
+  """Full adversarial training of one student on `mesh`, then the test-split evaluation.
 
   Results are kept per student, so methods that found the same student share one training.
   """
   directory = os.path.join(workdir, "final", _spec_name(spec))
   path = os.path.join(directory, "results.json")
   done = _read_json(path)
-  dataset = env.datasets[task.dataset]
   if done is None:
-    print(f"final training of the {method} student {_spec_name(spec)}")
+    dataset = env.datasets[task.dataset]
+    print(f"final training of {_spec_name(spec)}")
     model, variables = env_lib.train_student(env, task, spec, env.config, dataset.train,
-                                             workdir=directory, progress=True)
-    results = evaluate_on_test(env.config, model, variables, dataset.test, env.mesh)
+                                             workdir=directory, progress=progress, mesh=mesh)
+    results = evaluate_on_test(env.config, model, variables, dataset.test, mesh)
     done = {"spec": spec.to_dict(), **_describe(spec, dataset.info), "results": results}
     export.export_student(os.path.join(directory, "export"), spec, variables,
                           num_classes=dataset.info.num_classes,
                           image_shape=dataset.info.image_shape, mean=dataset.info.mean,
                           std=dataset.info.std, metrics=done)
     _write_json(path, done)
-  if method == "RC-NAS" and not os.path.exists(os.path.join(workdir, "export")):
-    shutil.copytree(os.path.join(directory, "export"), os.path.join(workdir, "export"))
-  return {"method": method, **done}
+  return done
 
 
-def _teacher_row(env, task: Task, workdir: str) -> dict:
+def on_slices(slices: list, jobs: list) -> None:
+  """Runs `job(mesh)` for every job, one at a time per mesh slice, the slices concurrently.
+
+  Dispatch is asynchronous, so one thread compiles while another's steps run.
+  """
+  queue = collections.deque(jobs)
+
+  def worker(mesh):
+    while True:
+      try:
+        job = queue.popleft()
+      except IndexError:
+        return
+      job(mesh)
+
+  with concurrent.futures.ThreadPoolExecutor(len(slices)) as pool:
+    for future in [pool.submit(worker, mesh) for mesh in slices]:
+      future.result()
+
+
+def final_rows(env, task: Task, candidates: dict[str, arch.NetworkSpec],
+               workdir: str) -> list[dict]:
+  """The teacher's row, then every method's student trained in full and evaluated.
+
+  Each distinct student trains once; the trainings and the teacher's evaluation share the
+  candidate slices.
+  """
+  distinct = list(dict.fromkeys(candidates.values()))
+  progress = len(env.slices) == 1
+  rows = []
+  on_slices(env.slices, [lambda mesh: rows.append(_teacher_row(env, task, workdir, mesh))] + [
+      functools.partial(_train_final, env, task, spec, workdir, progress=progress)
+      for spec in distinct])
+  for method, spec in candidates.items():
+    directory = os.path.join(workdir, "final", _spec_name(spec))
+    if method == "RC-NAS" and not os.path.exists(os.path.join(workdir, "export")):
+      shutil.copytree(os.path.join(directory, "export"), os.path.join(workdir, "export"))
+    rows.append({"method": method, **_read_json(os.path.join(directory, "results.json"))})
+  return rows
+
+
+def _teacher_row(env, task: Task, workdir: str, mesh) -> dict:
   """The teacher itself, evaluated on the test split."""
   path = os.path.join(workdir, "final", "teacher", "results.json")
   done = _read_json(path)
@@ -174,7 +217,7 @@ def _teacher_row(env, task: Task, workdir: str) -> dict:
     spec = arch.teacher(task.teacher)
     model = models.build(spec, info.num_classes, info.mean, info.std)
     results = evaluate_on_test(env.config, model, env.teachers[(task.dataset, task.teacher)],
-                               dataset.test, env.mesh)
+                               dataset.test, mesh)
     done = {"method": f"teacher ({task.teacher})", "spec": spec.to_dict(),
             **_describe(spec, info), "results": results}
     _write_json(path, done)
@@ -254,10 +297,7 @@ def rc_nas(config: ml_collections.ConfigDict, workdir: str) -> dict:
     best = search.best_episode(phases.get(phase, []))
     if best is not None:
       candidates[method] = arch.spec_from_dict(best["spec"])
-  rows = [timer.run("teacher evaluation", lambda: _teacher_row(env, target, workdir))]
-  for method, spec in candidates.items():
-    rows.append(timer.run(f"final: {method}", lambda: _final_student(env, target, method, spec,
-                                                                       workdir)))
+  rows = timer.run("final trainings", lambda: final_rows(env, target, candidates, workdir))
   return report.write(workdir, config, target, rows, phases, timer.times)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import rcnas_jax
-from rcnas_jax import config as config_lib, metrics, pipeline
+from rcnas_jax import arch, config as config_lib, metrics, pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def test_search_pipeline_reports_every_method_and_resumes_to_the_same_report(tmp
     assert (tmp_path / name).exists(), name
   student = rcnas_jax.load_student(str(tmp_path / "export"))
   rc_nas = next(r for r in first["rows"] if r["method"] == "RC-NAS")
-  assert student.spec.to_dict() == rc_nas["spec"]
+  assert student.spec == arch.spec_from_dict(rc_nas["spec"])
   assert student.predict(np.zeros((2, 8, 8, 1), np.uint8)).shape == (2, 10)
   # A second run finds every phase finished and rebuilds the same report.
   second = pipeline.run(c, str(tmp_path))
