@@ -16,6 +16,7 @@ TRAINING_METHODS = ("standard", "pgd_at", "trades")
 SCHEDULES = ("step", "cosine", "constant")
 ATTACK_LOOPS = ("auto", "unrolled", "rolled")
 EVALUATION_ATTACKS = ("clean", "fgsm", "pgd", "cw")
+DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,21 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "tiny-8"  # mode='train': a name of arch.TEACHERS.
+  # Compute dtype of convolutions and dense layers: 'bfloat16' is mixed precision for GPU/TPU
+  # (parameters, optimiser state and BN statistics stay float32; logits are float32).
+  c.model.dtype = "float32"
+
+  # Devices: a mesh of `candidates` slices (each can train a different candidate student of
+  # the search) times the rest (which split each batch). Loops over one network use it whole.
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.candidates = 1
+  # Multi-process runs (jax.distributed). Launchers that set JAX_COORDINATOR_ADDRESS, Slurm
+  # steps with several tasks and Open MPI start it without any of these fields.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False  # Initialise even without such a launcher (e.g. Cloud TPU pods).
+  c.distributed.coordinator_address = ""  # host:port of process 0 ('' = auto-detected).
+  c.distributed.num_processes = 0  # 0 = auto-detected.
+  c.distributed.process_id = -1  # -1 = auto-detected.
 
   # Teachers of the search (one per dataset and teacher name), trained with config.training
   # and config.attack for `epochs`, or loaded from exported checkpoints.
@@ -242,6 +258,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _validate_search(config)
   _one_of(config, "dataset.name", data.DATASETS)
   _one_of(config, "model.arch", tuple(arch.TEACHERS))
+  _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "attack.norm", ("linf", "l2"))
   _one_of(config, "attack.loop", ATTACK_LOOPS)
   _one_of(config, "evaluation.loop", ATTACK_LOOPS)
@@ -275,3 +292,30 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   for field in ("training.batch_size", "evaluation.batch_size"):
     if _get(config, field) % num_devices:
       _fail(field, _get(config, field), f"a multiple of the {num_devices} devices")
+  _validate_parallel(config, num_devices)
+
+
+def _validate_parallel(config, num_devices: int) -> None:
+  """Mesh and multi-process fields."""
+  candidates = config.parallel.candidates
+  if (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1
+      or num_devices % candidates):
+    _fail("parallel.candidates", candidates, f"a divisor of the {num_devices} devices")
+  if config.search.proxy.batch_size % (num_devices // candidates):
+    _fail("search.proxy.batch_size", config.search.proxy.batch_size,
+          f"a multiple of the {num_devices // candidates} devices of a candidate slice")
+  d = config.distributed
+  if not isinstance(d.enabled, bool):
+    _fail("distributed.enabled", d.enabled, "True or False")
+  if d.coordinator_address and not _host_port(d.coordinator_address):
+    _fail("distributed.coordinator_address", d.coordinator_address, "'' or host:port")
+  _at_least(config, "distributed.num_processes", 0)
+  _at_least(config, "distributed.process_id", -1)
+  if d.num_processes and d.process_id >= d.num_processes:
+    _fail("distributed.process_id", d.process_id, f"-1 or a number < {d.num_processes}")
+
+
+def _host_port(address: str) -> bool:
+  """Whether `address` looks like host:port."""
+  host, _, port = address.rpartition(":")
+  return bool(host) and port.isdigit()
