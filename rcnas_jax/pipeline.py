@@ -100,6 +100,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if parallel.is_primary():
     with open(os.path.join(workdir, "results.md"), "w") as f:
       f.write(table + "\n")
+  export.export_student(os.path.join(workdir, "export"), spec, variables,
+                        num_classes=info.num_classes, image_shape=info.image_shape,
+                        mean=info.mean, std=info.std, metrics={"results": results})
   return results
 
 
