@@ -48,8 +48,8 @@ def train_tiny(config, mesh, steps: int, workdir: str = "") -> dict:
   spec = arch.NetworkSpec(stages=(arch.StageSpec(1, 8, 1), arch.StageSpec(1, 16, 2)))
   dataset = data.load("digits", max_train_examples=64)
   model = models.build(spec, 10, dataset.info.mean, dataset.info.std)
-  state = training.train(model, dataset.train, dataset.info.image_shape, config, workdir or None, mesh,
-                         max_steps=steps, progress=False)
+  state = training.train(model, dataset.train, dataset.info.image_shape, config, workdir or None,
+                         mesh, max_steps=steps, progress=False)
   return parallel.to_host(state["params"])
 
 
