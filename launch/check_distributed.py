@@ -72,9 +72,12 @@ def main(argv=None) -> None:
   started = parallel.maybe_initialize_distributed(config)
   mesh = parallel.mesh_from_config(config)
   params = train_tiny(config, mesh, args.steps, args.workdir)
+  key = parallel.replicate(mesh, jax.random.key(7))  # Keys cross processes as key data.
+  key_data = parallel.to_host(jax.random.key_data(key)).tolist()
   print(f"process {jax.process_index()}/{jax.process_count()} (distributed: {started}), "
         f"{jax.local_device_count()} of {jax.device_count()} devices, mesh "
-        f"{dict(mesh.shape)}: parameter checksum {checksum(params):.6f}", flush=True)
+        f"{dict(mesh.shape)}, replicated key {key_data}: parameter checksum {checksum(params):.6f}",
+        flush=True)
   if args.out and parallel.is_primary():
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
     np.savez(args.out, **flat)

@@ -7,6 +7,8 @@ what is allowed.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from rcnas_jax import arch, data
@@ -50,10 +52,6 @@ def base_config() -> ml_collections.ConfigDict:
   # (parameters, optimiser state and BN statistics stay float32; logits are float32).
   c.model.dtype = "float32"
 
-  # Devices: a mesh of `candidates` slices (each can train a different candidate student of
-  # the search) times the rest (which split each batch). Loops over one network use it whole.
-  c.parallel = ml_collections.ConfigDict()
-  c.parallel.candidates = 1
   # Multi-process runs (jax.distributed). Launchers that set JAX_COORDINATOR_ADDRESS, Slurm
   # steps with several tasks and Open MPI start it without any of these fields.
   c.distributed = ml_collections.ConfigDict()
@@ -106,6 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.search.policy.value_weight = 0.5
   c.search.policy.ppo_epochs = 4
   c.search.policy.ppo_clip = 0.2
+
+  # Device meshes: a `candidate` axis of slices that evaluate different students concurrently,
+  # each slice a `data` mesh. 0 = auto: gcd(search.students_per_update, number of devices).
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.candidates = 0
 
   # The attack used for adversarial training (and, in the search, the task's attack).
   c.attack = ml_collections.ConfigDict()
@@ -292,18 +295,26 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   for field in ("training.batch_size", "evaluation.batch_size"):
     if _get(config, field) % num_devices:
       _fail(field, _get(config, field), f"a multiple of the {num_devices} devices")
-  _validate_parallel(config, num_devices)
+  _at_least(config, "parallel.candidates", 0)
+  if config.parallel.candidates and num_devices % config.parallel.candidates:
+    _fail("parallel.candidates", config.parallel.candidates,
+          f"0 (auto) or a divisor of the {num_devices} devices")
+  slice_size = num_devices // candidate_slices(config, num_devices)
+  for field in ("search.proxy.batch_size", "search.proxy.validation_examples"):
+    if _get(config, field) % slice_size:
+      _fail(field, _get(config, field), f"a multiple of the {slice_size} devices of a slice")
+  _validate_distributed(config)
 
 
-def _validate_parallel(config, num_devices: int) -> None:
-  """Mesh and multi-process fields."""
-  candidates = config.parallel.candidates
-  if (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1
-      or num_devices % candidates):
-    _fail("parallel.candidates", candidates, f"a divisor of the {num_devices} devices")
-  if config.search.proxy.batch_size % (num_devices // candidates):
-    _fail("search.proxy.batch_size", config.search.proxy.batch_size,
-          f"a multiple of the {num_devices // candidates} devices of a candidate slice")
+def candidate_slices(config: ml_collections.ConfigDict, num_devices: int) -> int:
+  """How many students of one update are evaluated concurrently (config.parallel.candidates)."""
+  if config.parallel.candidates:
+    return config.parallel.candidates
+  return math.gcd(config.search.students_per_update, num_devices)
+
+
+def _validate_distributed(config) -> None:
+  """The multi-process fields."""
   d = config.distributed
   if not isinstance(d.enabled, bool):
     _fail("distributed.enabled", d.enabled, "True or False")

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from rcnas_jax import arch, data, evaluate, inherit, models, training
+from rcnas_jax import arch, data, evaluate, inherit, models, parallel, training
 from rcnas_jax import state as state_lib
 from rcnas_jax.policy import Observation
 from rcnas_jax.state import Task
@@ -38,6 +38,11 @@ class Environment:
   mesh: Mesh
   cache: "EvaluationCache"
   probes: state_lib.ProbeCache
+  slices: list[Mesh] | None = None  # Where concurrent proxy evaluations run; default [mesh].
+
+  def __post_init__(self):
+    if self.slices is None:
+      self.slices = [self.mesh]
 
 
 class EvaluationCache:
@@ -61,6 +66,7 @@ class EvaluationCache:
     record = {"key": key, **record}
     self.entries[key] = record
     if self.path:
+      os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
       with open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
@@ -120,103 +126,150 @@ def train_student(env: Environment, task: Task, spec: arch.NetworkSpec, config, 
   return model, training.eval_variables(state, config.training.ema_decay > 0)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "model", "teacher", "teacher_spec", "student_spec", "tx", "settings", "threat", "unroll"))
-def proxy_robust_accuracy(teacher_variables, train_images, train_labels, batch_indices,
-                          validation_images, validation_labels, key, *, model, teacher,
-                          teacher_spec, student_spec, tx, settings, threat, unroll):
-  """Inherit, proxy-train and attack one student, all in one program (one compile per shape).
-
-  On CPU a search is dominated by compiling each new student; fusing initialisation,
-  inheritance, the training steps (a scan) and the evaluation attack halves that cost.
-  """
-  init_key, train_key, attack_key = jax.random.split(key, 3)
-  image_shape = train_images.shape[1:]
-  fresh = models.init(model, init_key, image_shape)
+@functools.partial(jax.jit, static_argnames=("model", "tx", "teacher_spec", "student_spec",
+                                             "image_shape"))
+def _proxy_start(teacher_variables, key, *, model, tx, teacher_spec, student_spec, image_shape):
+  """The student's train state, its weights inherited from the teacher."""
+  fresh = models.init(model, key, image_shape)
   variables = inherit.inherit(teacher_variables, fresh, teacher_spec, student_spec)
-  state = training.create_state(model, tx, init_key, image_shape, variables)
+  return training.create_state(model, tx, key, image_shape, variables)
 
-  def step(state, indices):
-    state, step_metrics = training.train_step(
-        state, train_images[indices], train_labels[indices], train_key, teacher_variables,
-        model=model, tx=tx, settings=settings, teacher=teacher)
-    return state, step_metrics["loss"]
 
-  state, losses = jax.lax.scan(step, state, batch_indices)
-  logits_fn = models.logits_fn(model, training.eval_variables(state, False))
-  images = validation_images.astype(jnp.float32) / 255.0
-  adversarial = state_lib.run_attack(threat, logits_fn, images, validation_labels, attack_key,
-                                     unroll)
-  correct = jnp.argmax(logits_fn(adversarial), -1) == validation_labels
-  return jnp.mean(correct), losses
+_proxy_step = jax.jit(training.train_step, static_argnames=("model", "tx", "settings", "teacher"),
+                      donate_argnums=(0,))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "threat", "unroll"))
+def _robust_accuracy(variables, images, labels, key, *, model, threat, unroll):
+  """Accuracy on uint8 `images` under the task's attack, BN in eval mode."""
+  logits_fn = models.logits_fn(model, variables)
+  images = images.astype(jnp.float32) / 255.0
+  adversarial = state_lib.run_attack(threat, logits_fn, images, labels, key, unroll)
+  return jnp.mean(jnp.argmax(logits_fn(adversarial), -1) == labels)
 
 
 @functools.lru_cache(maxsize=None)
 def _proxy_optimizer(learning_rate: float, momentum: float, weight_decay: float,
                      grad_clip: float, steps: int) -> optax.GradientTransformation:
-  """One optimiser object per setting, so students of the same shape share a compiled program."""
+  """One optimiser object per setting, so students of the same shape share compiled programs."""
   t = ml_collections.ConfigDict(dict(
       learning_rate=learning_rate, momentum=momentum, nesterov=False, weight_decay=weight_decay,
       grad_clip=grad_clip, schedule="cosine", warmup_epochs=0.0, epochs=1, decay_points=()))
   return training.optimizer(t, steps)
 
 
-def proxy_episode(env: Environment, task: Task, spec: arch.NetworkSpec) -> dict:
-  """Robust validation accuracy of `spec` after proxy training (SPEC §5.3-5.4)."""
+@dataclasses.dataclass
+class PendingEvaluation:
+  """A proxy evaluation dispatched to a mesh slice; its device values are not read yet."""
+
+  accuracy: jax.Array
+  loss: jax.Array
+  n_examples: int
+  attack: str
+  started: float
+
+  def result(self) -> dict:
+    """Waits for the devices and returns the cache record."""
+    return {"robust_accuracy": float(self.accuracy), "n_examples": self.n_examples,
+            "attack": self.attack, "final_loss": float(self.loss),
+            "seconds": time.perf_counter() - self.started}
+
+
+def start_proxy_episode(env: Environment, task: Task, spec: arch.NetworkSpec,
+                        mesh: Mesh) -> PendingEvaluation:
+  """Dispatches the proxy training and validation attack of `spec` on `mesh` (SPEC §5.3-5.4).
+
+  Nothing here waits for the devices: the next student compiles while this one trains. Each
+  step is its own jitted call; a `lax.scan` over the steps would be one compile fewer, but
+  XLA:CPU runs convolution gradients inside loops with a slow naive emitter (~35x slower here).
+  """
+  started = time.perf_counter()
   config = proxy_config(env.config)
-  proxy = env.config.search.proxy
+  t, proxy = config.training, env.config.search.proxy
   dataset = env.datasets[task.dataset]
   info = dataset.info
   train_split = subset(dataset.train, proxy.train_examples)
   validation = subset(dataset.validation, proxy.validation_examples)
-  t = config.training
   steps = t.epochs * data.steps_per_epoch(train_split, t.batch_size)
-  batch_indices = np.stack([data.batch_indices(len(train_split), t.batch_size, seed=config.seed,
-                                               step=s) for s in range(steps)])
+  tx = _proxy_optimizer(t.learning_rate, t.momentum, t.weight_decay, t.grad_clip, steps)
+  model = models.build(spec, info.num_classes, info.mean, info.std)
   teacher_spec = arch.teacher(task.teacher)
   teacher = None
   if t.distill_weight:
     teacher = models.build(teacher_spec, info.num_classes, info.mean, info.std)
-  accuracy, losses = proxy_robust_accuracy(
-      env.teachers[(task.dataset, task.teacher)], train_split.images, train_split.labels,
-      batch_indices, validation.images, validation.labels, jax.random.key(config.seed),
-      model=models.build(spec, info.num_classes, info.mean, info.std), teacher=teacher,
-      teacher_spec=teacher_spec, student_spec=spec, tx=_proxy_optimizer(
-          t.learning_rate, t.momentum, t.weight_decay, t.grad_clip, steps),
-      settings=training.settings_from_config(config), threat=task.attack,
-      unroll=training.unroll_attack_loops(config.evaluation.loop))
-  return {"robust_accuracy": float(accuracy), "n_examples": len(validation),
-          "attack": threat_settings(task).describe(), "final_loss": float(losses[-1])}
+  teacher_variables = parallel.replicate(mesh, env.teachers[(task.dataset, task.teacher)])
+  key = parallel.replicate(mesh, jax.random.key(config.seed))
+  init_key, train_key, attack_key = jax.random.split(key, 3)
+  state = _proxy_start(teacher_variables, init_key, model=model, tx=tx,
+                       teacher_spec=teacher_spec, student_spec=spec,
+                       image_shape=info.image_shape)
+  settings = training.settings_from_config(config)
+  for step in range(steps):
+    images, labels = parallel.shard_batch(
+        mesh, *data.batch_at(train_split, t.batch_size, seed=config.seed, step=step))
+    state, step_metrics = _proxy_step(state, images, labels, train_key, teacher_variables,
+                                      model=model, tx=tx, settings=settings, teacher=teacher)
+  images, labels = parallel.shard_batch(mesh, validation.images, validation.labels)
+  accuracy = _robust_accuracy(
+      training.eval_variables(state, False), images, labels, attack_key, model=model,
+      threat=task.attack, unroll=training.unroll_attack_loops(config.evaluation.loop))
+  return PendingEvaluation(accuracy, step_metrics["loss"], len(validation),
+                           threat_settings(task).describe(), started)
+
+
+def _prepare(env: Environment, task: Task, actions) -> dict:
+  """The student an action asks for, with its size and cache key, or why it is invalid."""
+  search = env.config.search
+  info = env.datasets[task.dataset].info
+  try:
+    spec = arch.compress(arch.teacher(task.teacher), actions, image_size=info.image_shape[0],
+                         width_multiple=search.width_multiple)
+  except arch.InvalidStudentError as error:
+    return {"spec": None, "reason": str(error)}
+  return {"spec": spec, "reason": "",
+          "macs": arch.count_macs(spec, info.image_shape[0], info.num_classes,
+                                  info.image_shape[-1]),
+          "params": arch.count_params(spec, info.num_classes, info.image_shape[-1]),
+          "key": json.dumps([task.key(), spec.to_dict(), search.proxy.to_dict(), env.config.seed],
+                            sort_keys=True)}
+
+
+def episodes(env: Environment, task: Task, actions: list) -> list[dict]:
+  """Evaluates several actions on one task, the uncached students concurrently, one per slice.
+
+  Each result is {reward, robust_accuracy, macs, params, spec, valid, reason, cached, ...};
+  invalid students score -1 and are never trained. A student asked for twice trains once.
+  """
+  prepared = [_prepare(env, task, a) for a in actions]
+  new = list(dict.fromkeys(p["key"] for p in prepared
+                           if p["spec"] is not None and env.cache.get(p["key"]) is None))
+  specs = {p["key"]: p["spec"] for p in prepared if p["spec"] is not None}
+  pending = {}
+  for i, key in enumerate(new):
+    pending[key] = start_proxy_episode(env, task, specs[key],
+                                       env.slices[i % len(env.slices)])
+  for key, evaluation in pending.items():
+    env.cache.put(key, evaluation.result())
+  return [_result(env, task, p, fresh=p.get("key") in pending) for p in prepared]
+
+
+def _result(env: Environment, task: Task, prepared: dict, fresh: bool) -> dict:
+  """One episode's record: the reward of SPEC §5 from the cached evaluation."""
+  if prepared["spec"] is None:
+    return {"reward": -1.0, "valid": False, "reason": prepared["reason"],
+            "robust_accuracy": 0.0, "macs": 0, "params": 0, "spec": None, "cached": False}
+  evaluation = env.cache.get(prepared["key"])
+  return {"reward": reward(evaluation["robust_accuracy"], prepared["macs"], task.budget_macs,
+                           env.config.search.beta),
+          "valid": True, "reason": "", "robust_accuracy": evaluation["robust_accuracy"],
+          "macs": prepared["macs"], "params": prepared["params"],
+          "spec": prepared["spec"].to_dict(), "cached": not fresh,
+          "attack": evaluation["attack"]}
 
 
 def episode(env: Environment, task: Task, actions) -> dict:
-  """Evaluates one action on one task: {reward, robust_accuracy, macs, params, spec, ...}."""
-  search = env.config.search
-  dataset = env.datasets[task.dataset]
-  info = dataset.info
-  teacher_spec = arch.teacher(task.teacher)
-  try:
-    spec = arch.compress(teacher_spec, actions, image_size=info.image_shape[0],
-                         width_multiple=search.width_multiple)
-  except arch.InvalidStudentError as error:
-    return {"reward": -1.0, "valid": False, "reason": str(error), "robust_accuracy": 0.0,
-            "macs": 0, "params": 0, "spec": None, "cached": False}
-  macs = arch.count_macs(spec, info.image_shape[0], info.num_classes, info.image_shape[-1])
-  params = arch.count_params(spec, info.num_classes, info.image_shape[-1])
-  key = json.dumps([task.key(), spec.to_dict(), search.proxy.to_dict(), env.config.seed],
-                   sort_keys=True)
-  cached = env.cache.get(key)
-  if cached is None:
-    started = time.perf_counter()
-    cached = {**proxy_episode(env, task, spec), "seconds": time.perf_counter() - started}
-    env.cache.put(key, cached)
-    cached = {**cached, "cached": False}
-  else:
-    cached = {**cached, "cached": True}
-  return {"reward": reward(cached["robust_accuracy"], macs, task.budget_macs, search.beta),
-          "valid": True, "reason": "", "robust_accuracy": cached["robust_accuracy"],
-          "macs": macs, "params": params, "spec": spec.to_dict(), "cached": cached["cached"],
-          "attack": cached["attack"]}
+  """Evaluates one action on one task (see `episodes`)."""
+  return episodes(env, task, [actions])[0]
 
 
 def observe(env: Environment, task: Task) -> Observation:

@@ -21,6 +21,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rcnas_jax import config as config_lib
+
 CANDIDATE_AXIS = "candidate"
 DATA_AXIS = "data"
 AXES = (CANDIDATE_AXIS, DATA_AXIS)
@@ -47,12 +49,15 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 def mesh_from_config(config: ml_collections.ConfigDict) -> Mesh:
   """The mesh of config.parallel over every device of every process."""
-  return make_mesh(config.parallel.candidates)
+  return make_mesh(config_lib.candidate_slices(config, jax.device_count()))
 
 
-def candidate_meshes(mesh: Mesh) -> list[Mesh]:
-  """One (1, data) sub-mesh per candidate slice, to train different students side by side."""
-  return [Mesh(row[None], AXES) for row in mesh.devices]
+def candidate_meshes(num_slices: int, devices: Sequence[jax.Device] | None = None) -> list[Mesh]:
+  """`num_slices` disjoint (1, data) meshes over equal shares of the devices: the candidate axis.
+
+  They are the rows of `make_mesh(num_slices, devices)`, so each trains a different student.
+  """
+  return [Mesh(row[None], AXES) for row in make_mesh(num_slices, devices).devices]
 
 
 def num_batch_devices(mesh: Mesh) -> int:
@@ -109,7 +114,15 @@ def replicate(mesh: Mesh, tree):
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
   # Across processes, device_put takes host values only (each process passes the same ones).
-  return jax.tree.map(lambda x: jax.device_put(_host_value(x), sharding), tree)
+  return jax.tree.map(lambda x: _replicate_across_processes(x, sharding), tree)
+
+
+def _replicate_across_processes(x, sharding: NamedSharding):
+  """One leaf through the host; a PRNG key travels as its raw key data."""
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = jax.device_put(_host_value(jax.random.key_data(x)), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  return jax.device_put(_host_value(x), sharding)
 
 
 def _host_value(x):

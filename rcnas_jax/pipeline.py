@@ -225,9 +225,10 @@ def rc_nas(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               target_info.image_shape[-1])
   pairs = {(d, t) for d in s.datasets for t in s.teachers} | {(target.dataset, target.teacher)}
   teachers = timer.run("teachers", lambda: train_teachers(config, datasets, pairs, workdir, mesh))
+  slices = parallel.candidate_meshes(config_lib.candidate_slices(config, len(jax.devices())))
   env = env_lib.Environment(config, datasets, teachers, mesh,
                             env_lib.EvaluationCache(os.path.join(workdir, "evaluations.jsonl")),
-                            ProbeCache(os.path.join(workdir, "probes.json")))
+                            ProbeCache(os.path.join(workdir, "probes.json")), slices)
   observation = env_lib.observe(env, target)
   fresh = search.fresh_search_state(config, observation)
   print(f"target task: {target.key()} (held out of meta-training)")

@@ -187,8 +187,8 @@ def run_phase(name: str, env: env_lib.Environment, task_for: Callable[[int], Tas
                                num_students=s.students_per_update)
     else:
       actions = random_actions(key, num_stages, s.students_per_update)
-    results = [env_lib.episode(env, task, stage_actions(actions, i))
-               for i in range(s.students_per_update)]
+    results = env_lib.episodes(env, task, [stage_actions(actions, i)
+                                           for i in range(s.students_per_update)])
     rewards = jnp.array([r["reward"] for r in results], jnp.float32)
     info = {}
     if learn:

@@ -47,8 +47,7 @@ def test_paper_recipe_in_cifar_configs():
     ("evaluation.attacks", ("clean", "aa"), "expected a tuple of clean, fgsm, pgd, cw"),
     ("training.batch_size", 3, "config.training.batch_size=3: expected a multiple of the 2"),
     ("model.dtype", "float16", "config.model.dtype='float16': expected one of float32, bfloat16"),
-    ("parallel.candidates", 3, "config.parallel.candidates=3: expected a divisor of the 2"),
-    ("parallel.candidates", 0, "config.parallel.candidates=0: expected a divisor of the 2"),
+    ("parallel.candidates", 3, "config.parallel.candidates=3: expected 0 (auto) or a divisor"),
     ("distributed.coordinator_address", "node0",
      "config.distributed.coordinator_address='node0': expected '' or host:port"),
     ("distributed.process_id", -2, "config.distributed.process_id=-2: expected a number >= -1"),
@@ -78,7 +77,7 @@ def test_a_candidate_slice_must_split_the_proxy_batch():
   c.parallel.candidates = 2
   c.search.proxy.batch_size = 6
   with pytest.raises(config_lib.ConfigError, match=r"config.search.proxy.batch_size=6: expected "
-                     r"a multiple of the 4 devices of a candidate slice"):
+                     r"a multiple of the 4 devices of a slice"):
     config_lib.validate(c, num_devices=8)
   c.search.proxy.batch_size = 8
   config_lib.validate(c, num_devices=8)

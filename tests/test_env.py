@@ -13,7 +13,7 @@ def test_reward_is_accuracy_within_budget_and_penalised_over_it():
   assert env_lib.reward(0.6, 1000, 1000, 2.0) == 0.6
 
 
-def _environment(tmp_path):
+def _environment(tmp_path, slices=None):
   c = config_lib.base_config()
   c.attack.update(eps=0.1, step_size=0.05, num_steps=2)
   c.search.proxy.update(epochs=1, train_examples=128, validation_examples=64, batch_size=32,
@@ -25,7 +25,7 @@ def _environment(tmp_path):
   return env_lib.Environment(c, {"digits": digits}, {("digits", "tiny-8"): variables},
                              parallel.data_mesh(jax.devices()[:2]),
                              env_lib.EvaluationCache(str(tmp_path / "evaluations.jsonl")),
-                             ProbeCache(str(tmp_path / "probes.json")))
+                             ProbeCache(str(tmp_path / "probes.json")), slices)
 
 
 def test_invalid_students_get_minus_one_and_are_never_trained(tmp_path):
@@ -55,6 +55,24 @@ def test_episode_trains_evaluates_and_caches(tmp_path):
   over_budget = Task("digits", ThreatModel("pgd", 0.1, 2), "tiny-8", first["macs"] // 2)
   penalised = env_lib.episode(environment, over_budget, actions)
   assert penalised["reward"] == pytest.approx(first["robust_accuracy"] / 4)
+
+
+def test_candidate_slices_give_the_sequential_results(tmp_path):
+  task = Task("digits", ThreatModel("pgd", 0.1, 2), "tiny-8", 200_000)
+  narrow = tuple(arch.StageAction(0.5, 0.5, s > 0, False) for s in range(3))
+  wide = tuple(arch.StageAction(1.0, 1.0, s > 0, False) for s in range(3))
+  students = [narrow, wide, narrow]
+  one_device = jax.devices()[:1]
+  sequential = _environment(tmp_path / "a", parallel.candidate_meshes(1, one_device))
+  concurrent = _environment(tmp_path / "b", parallel.candidate_meshes(2, jax.devices()[:2]))
+  first = env_lib.episodes(sequential, task, students)
+  second = env_lib.episodes(concurrent, task, students)
+  assert [r["robust_accuracy"] for r in first] == [r["robust_accuracy"] for r in second]
+  assert first[0]["spec"] != first[1]["spec"] and first[0]["reward"] == first[2]["reward"]
+  loss = lambda env: sorted(e["final_loss"] for e in env.cache.entries.values())
+  assert loss(sequential) == loss(concurrent)
+  assert len(concurrent.cache.entries) == 2  # The repeated student trained once.
+  assert [r["cached"] for r in second] == [False, False, False]
 
 
 def test_observation_of_a_task_is_cached(tmp_path):

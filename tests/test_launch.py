@@ -69,7 +69,7 @@ def test_two_processes_train_and_resume_as_one_device(tmp_path):
   logs = _launch(2, 3, tmp_path, f"--workdir={workdir}", "--candidates=2")
   assert "process 0/2 (distributed: True), 2 of 4 devices" in logs[0]
   assert "process 1/2 (distributed: True), 2 of 4 devices" in logs[1]
-  assert "mesh {'candidate': 2, 'data': 2}" in logs[0]
+  assert "mesh {'candidate': 2, 'data': 2}, replicated key [0, 7]" in logs[0]
   checksums = [log.strip().splitlines()[-1].split("checksum ")[1] for log in logs]
   assert checksums[0] == checksums[1]
   # Only process 0 logs metrics: one line per step across the two runs.

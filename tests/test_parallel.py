@@ -13,7 +13,7 @@ def test_mesh_of_candidate_slices():
   mesh = parallel.make_mesh(2)
   assert mesh.axis_names == ("candidate", "data")
   assert mesh.devices.shape == (2, 4)
-  slices = parallel.candidate_meshes(mesh)
+  slices = parallel.candidate_meshes(2)
   assert [s.devices.shape for s in slices] == [(1, 4), (1, 4)]
   assert [d.id for s in slices for d in s.devices.flat] == [d.id for d in jax.devices()]
   assert parallel.data_mesh().devices.shape == (1, 8)
@@ -25,6 +25,9 @@ def test_mesh_from_config():
   c = config_lib.base_config()
   c.parallel.candidates = 4
   assert parallel.mesh_from_config(c).devices.shape == (4, 2)
+  c.parallel.candidates = 0  # Auto: gcd(students per update, devices).
+  c.search.students_per_update = 6
+  assert parallel.mesh_from_config(c).devices.shape == (2, 4)
 
 
 @pytest.mark.parametrize("candidates", [1, 2, 8])
@@ -90,7 +93,7 @@ def _train(mesh, steps=3):
 def test_training_on_a_candidate_mesh_and_on_one_slice_match_one_device():
   one = _train(parallel.data_mesh(jax.devices()[:1]))
   both_axes = _train(parallel.make_mesh(2))
-  second_slice = _train(parallel.candidate_meshes(parallel.make_mesh(2))[1])
+  second_slice = _train(parallel.candidate_meshes(2)[1])
   assert second_slice["params"]["head"]["bias"].sharding.device_set == set(jax.devices()[4:])
   for other in (both_axes, second_slice):
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(other)):

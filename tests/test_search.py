@@ -99,7 +99,8 @@ def _fake_environment(monkeypatch, c):
     return {"reward": float(score), "valid": True, "robust_accuracy": float(score), "macs": 1,
             "params": 1, "spec": None, "cached": False, "reason": ""}
 
-  monkeypatch.setattr(env_lib, "episode", episode)
+  monkeypatch.setattr(env_lib, "episodes",
+                      lambda env, task, students: [episode(env, task, a) for a in students])
   monkeypatch.setattr(env_lib, "observe", lambda env, task: _observation())
   environment = env_lib.Environment(c, {}, {}, None, env_lib.EvaluationCache(None), None)
   return environment, calls
