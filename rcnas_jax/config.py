@@ -18,6 +18,7 @@ TRAINING_METHODS = ("standard", "pgd_at", "trades")
 SCHEDULES = ("step", "cosine", "constant")
 ATTACK_LOOPS = ("auto", "unrolled", "rolled")
 EVALUATION_ATTACKS = ("clean", "fgsm", "pgd", "cw")
+DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,17 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "tiny-8"  # mode='train': a name of arch.TEACHERS.
+  # Compute dtype of convolutions and dense layers: 'bfloat16' is mixed precision for GPU/TPU
+  # (parameters, optimiser state and BN statistics stay float32; logits are float32).
+  c.model.dtype = "float32"
+
+  # Multi-process runs (jax.distributed). Launchers that set JAX_COORDINATOR_ADDRESS, Slurm
+  # steps with several tasks and Open MPI start it without any of these fields.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False  # Initialise even without such a launcher (e.g. Cloud TPU pods).
+  c.distributed.coordinator_address = ""  # host:port of process 0 ('' = auto-detected).
+  c.distributed.num_processes = 0  # 0 = auto-detected.
+  c.distributed.process_id = -1  # -1 = auto-detected.
 
   # Teachers of the search (one per dataset and teacher name), trained with config.training
   # and config.attack for `epochs`, or loaded from exported checkpoints.
@@ -249,6 +261,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _validate_search(config)
   _one_of(config, "dataset.name", data.DATASETS)
   _one_of(config, "model.arch", tuple(arch.TEACHERS))
+  _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "attack.norm", ("linf", "l2"))
   _one_of(config, "attack.loop", ATTACK_LOOPS)
   _one_of(config, "evaluation.loop", ATTACK_LOOPS)
@@ -290,6 +303,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   for field in ("search.proxy.batch_size", "search.proxy.validation_examples"):
     if _get(config, field) % slice_size:
       _fail(field, _get(config, field), f"a multiple of the {slice_size} devices of a slice")
+  _validate_distributed(config)
 
 
 def candidate_slices(config: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -297,3 +311,22 @@ def candidate_slices(config: ml_collections.ConfigDict, num_devices: int) -> int
   if config.parallel.candidates:
     return config.parallel.candidates
   return math.gcd(config.search.students_per_update, num_devices)
+
+
+def _validate_distributed(config) -> None:
+  """The multi-process fields."""
+  d = config.distributed
+  if not isinstance(d.enabled, bool):
+    _fail("distributed.enabled", d.enabled, "True or False")
+  if d.coordinator_address and not _host_port(d.coordinator_address):
+    _fail("distributed.coordinator_address", d.coordinator_address, "'' or host:port")
+  _at_least(config, "distributed.num_processes", 0)
+  _at_least(config, "distributed.process_id", -1)
+  if d.num_processes and d.process_id >= d.num_processes:
+    _fail("distributed.process_id", d.process_id, f"-1 or a number < {d.num_processes}")
+
+
+def _host_port(address: str) -> bool:
+  """Whether `address` looks like host:port."""
+  host, _, port = address.rpartition(":")
+  return bool(host) and port.isdigit()
