@@ -143,7 +143,7 @@ class Progress:
     return self.done.get((tag, batch))
 
   def put(self, tag: str, batch: int, correct: np.ndarray, seconds: float) -> None:
-    record = {"tag": tag, "batch": batch, "correct": "".join("01"[c] for c in correct),
+    record = {"tag": tag, "batch": batch, "correct": "".join("01"[int(c)] for c in correct),
               "seconds": round(seconds, 3)}
     self.done[(tag, batch)] = record
     if self.path:
