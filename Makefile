@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 REFERENCE_STAMP := $(VENV)/.installed-reference
 WORKDIR ?= workdir/quickstart
 
-.PHONY: install demo test clean
+.PHONY: install demo evaluate test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m rcnas_jax.main --config=configs/quickstart.py --workdir=$(WORKDIR)
+
+# The evaluation suite (APGD-CE, APGD-T, Square, AA-lite, gradient-masking checks) on the demo's
+# exported student.
+evaluate: $(STAMP)
+	$(PY) -m rcnas_jax.main --config=configs/quickstart.py --config.mode=evaluate \
+	    --config.checkpoint=$(WORKDIR)/export --workdir=$(WORKDIR)/evaluation
 
 test: $(REFERENCE_STAMP)
 	$(PY) -m pytest -n 2 -q

@@ -128,7 +128,10 @@ def base_config() -> ml_collections.ConfigDict:
   # point-wise worst case of APGD-CE, APGD-T and Square, each on the points still robust
   # (AutoAttack's standard mode), reusing those of the three that are also listed.
   c.evaluation = ml_collections.ConfigDict()
+  # These run in mode='train' and in the search's final report; mode='evaluate' runs `suite`
+  # (() = the same attacks).
   c.evaluation.attacks = ("clean", "fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "aa-lite")
+  c.evaluation.suite = ()
   c.evaluation.eps = 8 / 255
   c.evaluation.norm = "linf"
   c.evaluation.pgd_steps = 20
@@ -260,10 +263,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _one_of(config, "training.method", TRAINING_METHODS)
   _one_of(config, "training.schedule", SCHEDULES)
   _one_of(config, "evaluation.norm", ("linf", "l2"))
-  for name in config.evaluation.attacks:
-    if name not in EVALUATION_ATTACKS:
-      _fail("evaluation.attacks", tuple(config.evaluation.attacks),
-            "a tuple of " + ", ".join(EVALUATION_ATTACKS))
+  for field in ("evaluation.attacks", "evaluation.suite"):
+    if any(name not in EVALUATION_ATTACKS for name in _get(config, field)):
+      _fail(field, tuple(_get(config, field)), "a tuple of " + ", ".join(EVALUATION_ATTACKS))
   for field in ("attack.eps", "attack.step_size", "evaluation.eps", "training.weight_decay",
                 "dataset.validation_size",
                 "training.grad_clip", "training.trades_beta", "training.distill_weight",

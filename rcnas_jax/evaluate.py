@@ -80,14 +80,15 @@ def settings_for(name: str, e: ml_collections.ConfigDict) -> AttackSettings:
                         restarts=e.restarts, num_targets=e.apgd_targets)
 
 
-def attacks_from_config(e: ml_collections.ConfigDict) -> tuple[AttackSettings, ...]:
-  """The attacks named in config.evaluation.attacks that run on every example."""
-  return tuple(settings_for(name, e) for name in e.attacks if name != "aa-lite")
+def attacks_from_config(e: ml_collections.ConfigDict,
+                        names=None) -> tuple[AttackSettings, ...]:
+  """The attacks of `names` (default config.evaluation.attacks) that run on every example."""
+  return tuple(settings_for(name, e) for name in (names or e.attacks) if name != "aa-lite")
 
 
-def aa_lite_from_config(e: ml_collections.ConfigDict) -> tuple[AttackSettings, ...]:
-  """AA-lite's attacks when config.evaluation.attacks names 'aa-lite', else ()."""
-  return tuple(settings_for(name, e) for name in AA_LITE) if "aa-lite" in e.attacks else ()
+def aa_lite_from_config(e: ml_collections.ConfigDict, names=None) -> tuple[AttackSettings, ...]:
+  """AA-lite's attacks when `names` (default config.evaluation.attacks) has 'aa-lite', else ()."""
+  return tuple(settings_for(n, e) for n in AA_LITE) if "aa-lite" in (names or e.attacks) else ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,14 +206,15 @@ def aa_lite(model: nn.Module, variables: dict, split: data.Split,
             progress: Progress | None = None, known: dict | None = None) -> dict:
   """The point-wise worst case of `components`, each run only on the points still robust.
 
-  `robust` is the clean-correct mask; `known` maps settings to per-example flags already
-  computed on the whole split (reused instead of running that attack again).
+  `robust` is the clean-correct mask; `known` maps settings to (per-example flags, seconds)
+  already computed on the whole split (reused, with their time, instead of running again).
   """
   variables = parallel.replicate(mesh, variables)
   robust, seconds, after = robust.copy(), 0.0, {}
   for j, attack in enumerate(components):
     if known and attack in known:
-      robust &= known[attack]
+      robust &= known[attack][0]
+      seconds += known[attack][1]
     else:
       index = np.flatnonzero(robust)
       flags, spent = correct_flags(
@@ -243,10 +245,10 @@ def evaluate(model: nn.Module, variables: dict, split: data.Split,
     correct, seconds = correct_flags(model, variables, split, a, jax.random.fold_in(key, i),
                                      mesh, batch_size=batch_size, unroll=unroll,
                                      progress=progress)
-    known[a] = correct
+    known[a] = (correct, seconds)
     results[a.name] = _result(correct, a.describe(), seconds)
   if aa_lite_attacks:
-    clean = next((flags for a, flags in known.items() if a.name == "clean"), None)
+    clean = next((flags for a, (flags, _) in known.items() if a.name == "clean"), None)
     if clean is None:
       clean = correct_flags(model, variables, split, AttackSettings("clean"), key, mesh,
                             batch_size=batch_size, progress=progress)[0]

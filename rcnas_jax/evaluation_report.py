@@ -3,8 +3,8 @@
   python -m rcnas_jax.main --config=configs/quickstart.py --config.mode=evaluate \
       --config.checkpoint=workdir/quickstart/export --workdir=workdir/quickstart_evaluation
 
-Runs config.evaluation's attacks (clean, FGSM, PGD, CW, APGD-CE, APGD-T, Square, AA-lite) on the
-test split in eval mode, then the gradient-masking checks, and writes `robustness.json`
+Runs config.evaluation.suite (clean, FGSM, PGD, CW, APGD-CE, APGD-T, Square, AA-lite) on the test
+split in eval mode, then the gradient-masking checks, and writes `robustness.json`
 (architecture, params, MACs, dataset, threat model, eps, clean and per-attack robust accuracy,
 aa_lite_acc, n_examples, warnings) and `robustness.md`. Per-(attack, batch) results go to
 `evaluation.jsonl` as they finish: run the same command again after a kill to continue.
@@ -99,11 +99,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        student.meta["std"])
   split = data.sample(dataset.test, e.max_examples)
   key = jax.random.key(config.seed + 1)
+  names = tuple(e.suite) or tuple(e.attacks)
   results = evaluate.evaluate(
-      model, student.variables, split, evaluate.attacks_from_config(e), key,
+      model, student.variables, split, evaluate.attacks_from_config(e, names), key,
       parallel.data_mesh(), batch_size=e.batch_size,
       unroll=training.unroll_attack_loops(e.loop),
-      aa_lite_attacks=evaluate.aa_lite_from_config(e),
+      aa_lite_attacks=evaluate.aa_lite_from_config(e, names),
       progress_path=os.path.join(workdir, "evaluation.jsonl"))
   warnings = []
   if e.check_examples:
