@@ -25,14 +25,18 @@ class Student(NamedTuple):
 
 
 def export_student(path: str, spec: arch.NetworkSpec, variables: dict, *, num_classes: int,
-                   image_shape, mean, std, metrics: dict | None = None) -> None:
-  """Writes <path>/variables (Orbax), <path>/student.json (spec + data) and metrics.json."""
+                   image_shape, mean, std, metrics: dict | None = None,
+                   dataset: str = "") -> None:
+  """Writes <path>/variables (Orbax), <path>/student.json (spec + data) and metrics.json.
+
+  `dataset` (optional) names the dataset the student was trained on, for `mode='evaluate'`.
+  """
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(path, "variables"), parallel.to_host(variables), force=True)
   meta = {"spec": spec.to_dict(), "num_classes": num_classes, "image_shape": list(image_shape),
-          "mean": list(mean), "std": list(std),
+          "mean": list(mean), "std": list(std), "dataset": dataset,
           "params": arch.count_params(spec, num_classes, image_shape[-1]),
           "macs": arch.count_macs(spec, image_shape[0], num_classes, image_shape[-1])}
   if not parallel.is_primary():  # Every process saves the variables (Orbax), one the JSON.

@@ -1,7 +1,8 @@
 """Command line: `python -m rcnas_jax.main --config=configs/quickstart.py --workdir=DIR`.
 
 Fields are overridden with `--config.training.epochs=5`. A bad value stops at once with one
-line naming the field; a killed run resumes from its workdir.
+line naming the field; a killed run resumes from its workdir. `--config.mode=evaluate
+--config.checkpoint=DIR/export` runs the evaluation suite on an exported student.
 """
 
 import os

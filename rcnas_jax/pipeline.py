@@ -4,6 +4,7 @@ mode='search' (RC-NAS): teachers -> meta-training -> fine-tuning on the held-out
 baselines (R-NAS, random search) -> full adversarial training of the best student of each
 method and of the hand-scaled RobustResNet-style student -> evaluation on the test split ->
 report -> export. mode='train': adversarial training and evaluation of one network.
+mode='evaluate': the evaluation suite on an exported student (`evaluation_report`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import ml_collections
 import optax
 
 from rcnas_jax import (arch, compilation, config as config_lib, data, env as env_lib, evaluate,
-                       export, models, parallel, report, search, training)
+                       evaluation_report, export, models, parallel, report, search, training)
 from rcnas_jax.state import ProbeCache, Task
 
 
@@ -55,13 +56,19 @@ def _write_json(path: str, value) -> None:
   os.replace(path + ".tmp", path)
 
 
-def evaluate_on_test(config, model, variables, split: data.Split, mesh) -> dict:
-  """The configured evaluation attacks on (the first examples of) the test split."""
+def evaluate_on_test(config, model, variables, split: data.Split, mesh,
+                     progress_path: str | None = None) -> dict:
+  """The configured evaluation suite on (a stratified sample of) the test split.
+
+  With `progress_path`, per-(attack, batch) results are kept there and a rerun continues.
+  """
   return evaluate.evaluate(
       model, variables, data.sample(split, config.evaluation.max_examples),
       evaluate.attacks_from_config(config.evaluation), jax.random.key(config.seed + 1), mesh,
       batch_size=config.evaluation.batch_size,
-      unroll=training.unroll_attack_loops(config.evaluation.loop))
+      unroll=training.unroll_attack_loops(config.evaluation.loop),
+      aa_lite_attacks=evaluate.aa_lite_from_config(config.evaluation),
+      progress_path=progress_path)
 
 
 def _describe(spec: arch.NetworkSpec, info: data.DatasetInfo) -> dict:
@@ -161,12 +168,13 @@ def _final_student(env, task: Task, method: str, spec: arch.NetworkSpec, workdir
     print(f"final training of the {method} student {_spec_name(spec)}")
     model, variables = env_lib.train_student(env, task, spec, env.config, dataset.train,
                                              workdir=directory, progress=True)
-    results = evaluate_on_test(env.config, model, variables, dataset.test, env.mesh)
+    results = evaluate_on_test(env.config, model, variables, dataset.test, env.mesh,
+                               os.path.join(directory, "evaluation.jsonl"))
     done = {"spec": spec.to_dict(), **_describe(spec, dataset.info), "results": results}
     export.export_student(os.path.join(directory, "export"), spec, variables,
                           num_classes=dataset.info.num_classes,
                           image_shape=dataset.info.image_shape, mean=dataset.info.mean,
-                          std=dataset.info.std, metrics=done)
+                          std=dataset.info.std, metrics=done, dataset=task.dataset)
     _write_json(path, done)
   if method == "RC-NAS" and not os.path.exists(os.path.join(workdir, "export")):
     shutil.copytree(os.path.join(directory, "export"), os.path.join(workdir, "export"))
@@ -286,4 +294,6 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       f.write(config.to_json(indent=2))
   if config.mode == "train":
     return train_and_evaluate(config, workdir)
+  if config.mode == "evaluate":
+    return evaluation_report.run(config, workdir)
   return rc_nas(config, workdir)
