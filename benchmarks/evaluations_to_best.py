@@ -5,10 +5,10 @@
 
 For each seed: meta-training, then fine-tuning of the meta-trained policy on the held-out target
 (RC-NAS) and the same fine-tuning from the initial policy (R-NAS), with the same evaluation
-budget. Teachers are trained once (by the first seed) and shared, so only the search differs between seeds.
-Prints, per seed and method, the best validation reward, the evaluations needed to first reach
-it, and the evaluations needed to reach the other method's best ('-' when never). Resumable: each
-seed's workdir keeps its checkpoints and evaluation cache.
+budget. Teachers are trained once (by the first seed) and shared, so only the search differs
+between seeds. Prints, per seed and method, the best validation reward, the evaluations needed
+to first reach it, and those needed to reach the other method's best ('-' when never).
+Resumable: each seed's workdir keeps its checkpoints and evaluation cache.
 """
 
 import json

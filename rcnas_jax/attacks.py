@@ -1,18 +1,23 @@
-"""White-box attacks on any `logits_fn(images) -> logits` over images in [0, 1].
+"""Attacks on any `logits_fn(images) -> logits` over images in [0, 1].
 
 An attack is a composition: a per-example loss (`LOSSES`), a random start, a steepest-ascent
 step for the norm, and a projection onto the eps-ball intersected with [0, 1]. Everything is
 pure and jittable; `unroll=True` writes the step loop out (2-4x faster on XLA:CPU), `False`
 uses `lax.fori_loop` (compiles faster, the better choice on GPU/TPU). Restarts run under
 `vmap` and are combined point-wise: each example keeps its worst case.
+
+AutoAttack's attacks (Croce & Hein, ICML 2020) follow the reference implementation's algorithm:
+APGD (`apgd`, `apgd_targeted`) with its step-size schedule, and the score-based Square attack
+(`square`, Andriushchenko et al., ECCV 2020) with a fixed query budget.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -45,7 +50,22 @@ def kl_divergence(logits: jax.Array, labels: jax.Array, clean_logits: jax.Array)
   return jnp.sum(jnp.exp(clean) * (clean - jax.nn.log_softmax(logits)), axis=1)
 
 
-LOSSES = {"ce": cross_entropy, "margin": margin, "kl": kl_divergence}
+def dlr(logits: jax.Array, labels: jax.Array, clean_logits=None) -> jax.Array:
+  """Difference of logits ratio: (max_{j != y} z_j - z_y) / (z_pi1 - z_pi3), pi sorting z."""
+  del clean_logits
+  top = jax.lax.top_k(logits, 3)[0]
+  return margin(logits, labels) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def targeted_dlr(logits: jax.Array, labels: jax.Array, targets: jax.Array) -> jax.Array:
+  """APGD-T's loss: (z_t - z_y) / (z_pi1 - (z_pi3 + z_pi4) / 2), pi sorting z."""
+  top = jax.lax.top_k(logits, 4)[0]
+  true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+  target_logit = jnp.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
+  return (target_logit - true_logit) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+
+LOSSES = {"ce": cross_entropy, "margin": margin, "kl": kl_divergence, "dlr": dlr}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +132,7 @@ def _check(eps: float, norm: str, loss: str) -> None:
     raise ValueError(f"norm={norm!r}: expected one of {', '.join(NORMS)}")
   if loss not in LOSSES:
     raise ValueError(f"loss={loss!r}: expected one of {', '.join(LOSSES)}")
-  if eps < 0:
+  if isinstance(eps, (int, float)) and eps < 0:  # A traced eps (vmapped radii) is not checked.
     raise ValueError(f"eps={eps}: expected eps >= 0")
 
 
@@ -172,9 +192,261 @@ def fgsm(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Arr
              norm=norm, random_start=False)
 
 
-def attack(name: str, logits_fn: LogitsFn, images, labels, key, *, eps, step_size, num_steps,
-           norm="linf", restarts=1, unroll=True) -> jax.Array:
-  """A named attack: 'clean', 'fgsm', 'pgd' (CE) or 'cw' (margin loss)."""
+# ---------------------------------------------------------------------------------------------
+# APGD (AutoAttack): momentum 0.75, step 2 eps halved at checkpoints, restart from the best point.
+# ---------------------------------------------------------------------------------------------
+
+
+def apgd_checkpoints(num_steps: int) -> np.ndarray:
+  """Per step, the length of the window that ends there at a checkpoint (0 = no checkpoint).
+
+  The first window is 22% of the steps; each next one is 3% shorter, down to 6% (AutoAttack).
+  """
+  first, shrink, shortest = (max(int(f * num_steps), 1) for f in (0.22, 0.03, 0.06))
+  windows = np.zeros(num_steps, np.int32)
+  window, step = first, first - 1
+  while step < num_steps:
+    windows[step] = window
+    window = max(window - shrink, shortest)
+    step += window
+  return windows
+
+
+def _apgd_start(key: jax.Array, images: jax.Array, eps: float, norm: str) -> jax.Array:
+  """AutoAttack's start: a random direction scaled to norm eps exactly, clipped to [0, 1]."""
+  if norm == "linf":
+    direction = jax.random.uniform(key, images.shape, minval=-1.0, maxval=1.0)
+  else:
+    direction = jax.random.normal(key, images.shape)
+  return jnp.clip(images + eps * direction / (_norm_per_example(direction, norm) + 1e-12), 0, 1)
+
+
+class _ApgdState(NamedTuple):
+  """Per-example state of one APGD run (leading axis: examples)."""
+
+  x: jax.Array  # Current point.
+  x_previous: jax.Array  # The point before the last step (momentum).
+  grad: jax.Array
+  step_size: jax.Array  # (N,)
+  x_best: jax.Array  # Highest loss so far, and its gradient.
+  grad_best: jax.Array
+  loss_best: jax.Array
+  x_adversarial: jax.Array  # Last misclassified point.
+  fooled: jax.Array  # (N,) bool.
+  loss_previous: jax.Array  # Loss after the previous step (0 before step 0, as the reference).
+  increases: jax.Array  # Steps since the last checkpoint where the loss increased.
+  loss_best_at_check: jax.Array
+  halved_at_check: jax.Array
+
+
+def _apgd_single(logits_fn: LogitsFn, images, labels, key, targets, *, eps, num_steps, loss,
+                 norm, rho, unroll) -> tuple[jax.Array, jax.Array]:
+  """One APGD run from one random start: (adversarial images, fooled mask)."""
+  per_example = ((lambda z: targeted_dlr(z, labels, targets)) if targets is not None
+                 else (lambda z: LOSSES[loss](z, labels)))
+
+  def loss_and_grad(x):
+    def total(x):
+      logits = logits_fn(x)
+      values = per_example(logits)
+      return jnp.sum(values), (values, logits)
+    (_, (values, logits)), grad = jax.value_and_grad(total, has_aux=True)(x)
+    return values, jnp.argmax(logits, axis=1) != labels, grad
+
+  windows = jnp.asarray(apgd_checkpoints(num_steps))
+  expand = lambda v: v.reshape((-1,) + (1,) * (images.ndim - 1))
+  pick = lambda mask, a, b: jnp.where(expand(mask) if a.ndim > 1 else mask, a, b)
+
+  def step(i, s: _ApgdState) -> _ApgdState:
+    momentum = jnp.where(i > 0, 0.75, 1.0)
+    z = project(s.x + expand(s.step_size) * ascent_direction(s.grad, norm), images, eps, norm)
+    x = project(s.x + momentum * (z - s.x) + (1 - momentum) * (s.x - s.x_previous), images,
+                eps, norm)
+    values, wrong, grad = loss_and_grad(x)
+    improved = values > s.loss_best
+    x_best, grad_best = pick(improved, x, s.x_best), pick(improved, grad, s.grad_best)
+    loss_best = jnp.where(improved, values, s.loss_best)
+    increases = s.increases + (values > s.loss_previous)
+    window = windows[i]
+    # Halve where the loss rose in at most rho of the window's steps, or where the best loss did
+    # not improve and the step was not halved at the last checkpoint; restart from the best.
+    halve = (window > 0) & ((increases <= window * rho) |
+                            (~s.halved_at_check & (s.loss_best_at_check >= loss_best)))
+    at_check = window > 0
+    return _ApgdState(
+        x=pick(halve, x_best, x), x_previous=s.x, grad=pick(halve, grad_best, grad),
+        step_size=jnp.where(halve, s.step_size / 2, s.step_size), x_best=x_best,
+        grad_best=grad_best, loss_best=loss_best,
+        x_adversarial=pick(wrong, x, s.x_adversarial), fooled=s.fooled | wrong,
+        loss_previous=values, increases=jnp.where(at_check, 0, increases),
+        loss_best_at_check=jnp.where(at_check, loss_best, s.loss_best_at_check),
+        halved_at_check=jnp.where(at_check, halve, s.halved_at_check))
+
+  x0 = _apgd_start(key, images, eps, norm)
+  values, wrong, grad = loss_and_grad(x0)
+  n = images.shape[0]
+  init = _ApgdState(x=x0, x_previous=x0, grad=grad, step_size=jnp.full((n,), 2.0 * eps),
+                    x_best=x0, grad_best=grad, loss_best=values, x_adversarial=x0, fooled=wrong,
+                    loss_previous=jnp.zeros_like(values), increases=jnp.zeros(n, jnp.int32),
+                    loss_best_at_check=values, halved_at_check=jnp.ones(n, bool))
+  if unroll:
+    for i in range(num_steps):
+      init = step(i, init)
+    final = init
+  else:
+    final = jax.lax.fori_loop(0, num_steps, step, init)
+  return pick(final.fooled, final.x_adversarial, final.x_best), final.fooled
+
+
+def _check_apgd(eps, norm: str, loss: str, num_classes: int, needed: int) -> None:
+  """One-line errors for settings APGD cannot run with."""
+  if loss not in ("ce", "dlr"):
+    raise ValueError(f"loss={loss!r}: expected one of ce, dlr")
+  _check(eps, norm, loss)
+  if num_classes < needed:
+    raise ValueError(f"{num_classes} classes: the {'targeted ' if needed == 4 else ''}DLR loss "
+                     f"needs at least {needed}")
+
+
+def _ranked_classes(logits: jax.Array, rank) -> jax.Array:
+  """Per example, the class with the `rank`-th largest logit (rank 1 = the prediction)."""
+  order = jnp.argsort(logits, axis=1)
+  return jnp.take_along_axis(order, jnp.full((logits.shape[0], 1), logits.shape[1] - rank),
+                             axis=1)[:, 0]
+
+
+def _with_clean(images: jax.Array, candidates: jax.Array) -> jax.Array:
+  """Candidates plus the clean images, so a misclassified clean point stays misclassified."""
+  return jnp.concatenate([images[None], candidates])
+
+
+def apgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
+         eps: float, num_steps: int = 100, loss: str = "ce", norm: str = "linf",
+         restarts: int = 1, target_class: int | None = None, rho: float = 0.75,
+         unroll: bool = False) -> jax.Array:
+  """Auto-PGD (APGD-CE, APGD-DLR); returns adversarial images.
+
+  `target_class=k` attacks, with the targeted DLR loss, the class with the k-th largest clean
+  logit (k >= 2, AutoAttack's convention). Restarts run under vmap; each example keeps a
+  misclassified point when any restart found one (else the highest-margin point).
+  """
+  num_classes = jax.eval_shape(logits_fn, images).shape[1]
+  _check_apgd(eps, norm, loss, num_classes,
+              4 if target_class is not None else 3 if loss == "dlr" else 2)
+  targets = None
+  if target_class is not None:
+    targets = _ranked_classes(jax.lax.stop_gradient(logits_fn(images)), target_class)
+  run = lambda k: _apgd_single(logits_fn, images, labels, k, targets, eps=eps,
+                               num_steps=num_steps, loss=loss, norm=norm, rho=rho,
+                               unroll=unroll)[0]
+  candidates = jax.vmap(run)(jax.random.split(key, restarts))
+  return jax.lax.stop_gradient(worst_case(logits_fn, _with_clean(images, candidates), labels))
+
+
+def apgd_targeted(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array,
+                  *, eps: float, num_steps: int = 100, num_targets: int = 9,
+                  norm: str = "linf", restarts: int = 1, rho: float = 0.75,
+                  unroll: bool = False) -> jax.Array:
+  """APGD-T: targeted DLR against each of the top `num_targets` other classes; worst case.
+
+  Targets and restarts run under one vmap (memory grows with num_targets x restarts).
+  """
+  num_classes = jax.eval_shape(logits_fn, images).shape[1]
+  _check_apgd(eps, norm, "dlr", num_classes, 4)
+  num_targets = min(num_targets, num_classes - 1)
+  clean_logits = jax.lax.stop_gradient(logits_fn(images))
+  ranks = jnp.repeat(jnp.arange(2, num_targets + 2), restarts)
+
+  def run(rank, k):
+    return _apgd_single(logits_fn, images, labels, k, _ranked_classes(clean_logits, rank),
+                        eps=eps, num_steps=num_steps, loss="dlr", norm=norm, rho=rho,
+                        unroll=unroll)[0]
+
+  candidates = jax.vmap(run)(ranks, jax.random.split(key, len(ranks)))
+  return jax.lax.stop_gradient(worst_case(logits_fn, _with_clean(images, candidates), labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# Square attack (L-inf, score-based): random vertical stripes, then random squares of +-2 eps.
+# ---------------------------------------------------------------------------------------------
+
+
+def square_fraction(query: int, num_queries: int, p_init: float = 0.8) -> float:
+  """AutoAttack's p_selection: the fraction of pixels a square covers at this query.
+
+  The schedule is written for 10,000 queries and rescaled to `num_queries`.
+  """
+  it = int(query / num_queries * 10000)
+  halvings = sum(it > bound for bound in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
+  return p_init / 2 ** halvings
+
+
+def square_sizes(num_queries: int, height: int, width: int, p_init: float = 0.8) -> np.ndarray:
+  """Side of the square at each query: round(sqrt(p * H * W)), at least 1 and at most min(H, W)."""
+  sizes = [max(int(round(np.sqrt(square_fraction(q, num_queries, p_init) * height * width))), 1)
+           for q in range(num_queries)]
+  return np.minimum(np.asarray(sizes, np.int32), min(height, width))
+
+
+def _square_single(logits_fn: LogitsFn, images, labels, key, *, eps, num_queries, p_init):
+  """One Square run (L-inf, margin loss); returns the best point of each example."""
+  n, height, width, channels = images.shape
+  sizes = jnp.asarray(square_sizes(num_queries, height, width, p_init))
+  expand = lambda v: v[:, None, None, None]
+  stripes_key, key = jax.random.split(key)
+  stripes = jax.random.rademacher(stripes_key, (n, 1, width, channels), jnp.float32)
+  x_best = jnp.clip(images + eps * stripes, 0.0, 1.0)
+  margin_best = margin(logits_fn(x_best), labels)
+  rows = jnp.arange(height)[None, :, None, None]
+  cols = jnp.arange(width)[None, None, :, None]
+
+  def query(i, carry):
+    x_best, margin_best = carry
+    size = sizes[i]
+    k_row, k_col, k_sign = jax.random.split(jax.random.fold_in(key, i), 3)
+    # Corners in [0, side - size), as the reference (the last position is never drawn).
+    top = jnp.floor(jax.random.uniform(k_row, (n,)) * (height - size)).astype(jnp.int32)
+    left = jnp.floor(jax.random.uniform(k_col, (n,)) * (width - size)).astype(jnp.int32)
+    inside = ((rows >= expand(top)) & (rows < expand(top) + size) &
+              (cols >= expand(left)) & (cols < expand(left) + size))
+    signs = jax.random.rademacher(k_sign, (n, 1, 1, channels), jnp.float32)
+    x_new = jnp.where(inside, x_best + 2.0 * eps * signs, x_best)
+    x_new = jnp.clip(jnp.clip(x_new, images - eps, images + eps), 0.0, 1.0)
+    margin_new = margin(logits_fn(x_new), labels)
+    accept = (margin_best < 0) & ((margin_new > margin_best) | (margin_new >= 0))
+    return (jnp.where(expand(accept), x_new, x_best), jnp.where(accept, margin_new, margin_best))
+
+  return jax.lax.fori_loop(0, num_queries, query, (x_best, margin_best))[0]
+
+
+def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
+           eps: float, num_queries: int = 5000, p_init: float = 0.8, restarts: int = 1,
+           norm: str = "linf") -> jax.Array:
+  """The L-inf Square attack: `num_queries` model calls per restart, no gradients.
+
+  A fixed-length `lax.fori_loop`; an example stops changing once misclassified. Restarts run
+  under vmap and are combined point-wise.
+  """
+  if norm != "linf":
+    raise ValueError(f"norm={norm!r}: the Square attack here is L-inf only")
+  _check(eps, norm, "margin")
+  run = lambda k: _square_single(logits_fn, images, labels, k, eps=eps,
+                                 num_queries=num_queries, p_init=p_init)
+  candidates = jax.vmap(run)(jax.random.split(key, restarts))
+  return jax.lax.stop_gradient(worst_case(logits_fn, _with_clean(images, candidates), labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# By name.
+# ---------------------------------------------------------------------------------------------
+
+
+ATTACKS = ("clean", "fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "square")
+
+
+def attack(name: str, logits_fn: LogitsFn, images, labels, key, *, eps, step_size=0.0,
+           num_steps=1, norm="linf", restarts=1, num_targets=9, unroll=True) -> jax.Array:
+  """A named attack of ATTACKS. `num_steps` counts APGD iterations and Square's queries."""
   if name == "clean":
     return images
   if name == "fgsm":
@@ -183,7 +455,13 @@ def attack(name: str, logits_fn: LogitsFn, images, labels, key, *, eps, step_siz
     return pgd(logits_fn, images, labels, key, eps=eps, step_size=step_size,
                num_steps=num_steps, loss="ce" if name == "pgd" else "margin", norm=norm,
                restarts=restarts, unroll=unroll)
+  if name in ("apgd-ce", "apgd-dlr"):
+    return apgd(logits_fn, images, labels, key, eps=eps, num_steps=num_steps,
+                loss=name.split("-")[1], norm=norm, restarts=restarts, unroll=unroll)
+  if name == "apgd-t":
+    return apgd_targeted(logits_fn, images, labels, key, eps=eps, num_steps=num_steps,
+                         num_targets=num_targets, norm=norm, restarts=restarts, unroll=unroll)
+  if name == "square":
+    return square(logits_fn, images, labels, key, eps=eps, num_queries=num_steps,
+                  restarts=restarts, norm=norm)
   raise ValueError(f"attack {name!r} is not one of {', '.join(ATTACKS)}")
-
-
-ATTACKS = ("clean", "fgsm", "pgd", "cw")

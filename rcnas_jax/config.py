@@ -13,11 +13,13 @@ import ml_collections
 
 from rcnas_jax import arch, data
 
-MODES = ("search", "train")
+MODES = ("search", "train", "evaluate")
 TRAINING_METHODS = ("standard", "pgd_at", "trades")
 SCHEDULES = ("step", "cosine", "constant")
 ATTACK_LOOPS = ("auto", "unrolled", "rolled")
-EVALUATION_ATTACKS = ("clean", "fgsm", "pgd", "cw")
+EVALUATION_ATTACKS = ("clean", "fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "square",
+                      "aa-lite")
+DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -30,8 +32,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # Seeds data splits, shuffling, initialisation and attacks.
   # What `main` runs: 'search' = the whole RC-NAS pipeline (teachers -> meta-training ->
   # fine-tuning -> baselines -> full training -> report -> export); 'train' = adversarially
-  # train and evaluate config.model.arch alone.
+  # train and evaluate config.model.arch alone; 'evaluate' = the evaluation suite on the exported
+  # student at `checkpoint` (RobustBench-style JSON and a Markdown table in the workdir).
   c.mode = "search"
+  c.checkpoint = ""  # mode='evaluate': a directory written by export.export_student.
   # Where XLA's persistent compilation cache lives ('' = <workdir>/jax_cache).
   c.compilation_cache_dir = ""
 
@@ -47,6 +51,17 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "tiny-8"  # mode='train': a name of arch.TEACHERS.
+  # Compute dtype of convolutions and dense layers: 'bfloat16' is mixed precision for GPU/TPU
+  # (parameters, optimiser state and BN statistics stay float32; logits are float32).
+  c.model.dtype = "float32"
+
+  # Multi-process runs (jax.distributed). Launchers that set JAX_COORDINATOR_ADDRESS, Slurm
+  # steps with several tasks and Open MPI start it without any of these fields.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False  # Initialise even without such a launcher (e.g. Cloud TPU pods).
+  c.distributed.coordinator_address = ""  # host:port of process 0 ('' = auto-detected).
+  c.distributed.num_processes = 0  # 0 = auto-detected.
+  c.distributed.process_id = -1  # -1 = auto-detected.
 
   # Teachers of the search (one per dataset and teacher name), trained with config.training
   # and config.attack for `epochs`, or loaded from exported checkpoints.
@@ -127,19 +142,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.training.log_every_steps = 10
   c.training.checkpoint_every_steps = 200  # Also at the end of every epoch.
 
-  # Evaluation attacks (SPEC §7), in the model's eval mode.
+  # Evaluation attacks (SPEC §7), in the model's eval mode: 'clean', 'fgsm', 'pgd', 'cw',
+  # 'apgd-ce', 'apgd-dlr', 'apgd-t', 'square' each run on every example; 'aa-lite' = the
+  # point-wise worst case of APGD-CE, APGD-T and Square, each on the points still robust
+  # (AutoAttack's standard mode), reusing those of the three that are also listed.
   c.evaluation = ml_collections.ConfigDict()
-  c.evaluation.attacks = ("clean", "fgsm", "pgd", "cw")
+  # These run in mode='train' and in the search's final report; mode='evaluate' runs `suite`
+  # (() = the same attacks).
+  c.evaluation.attacks = ("clean", "fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "aa-lite")
+  c.evaluation.suite = ()
   c.evaluation.eps = 8 / 255
   c.evaluation.norm = "linf"
   c.evaluation.pgd_steps = 20
   c.evaluation.pgd_step_size = 0.8 / 255
   c.evaluation.cw_steps = 40
   c.evaluation.cw_step_size = 0.8 / 255
+  c.evaluation.apgd_steps = 100  # APGD-CE / APGD-DLR / APGD-T iterations (AutoAttack: 100).
+  c.evaluation.apgd_targets = 9  # APGD-T's target classes (at most num_classes - 1).
+  c.evaluation.square_queries = 5000  # Square's queries per restart (AutoAttack: 5000).
   c.evaluation.restarts = 1
+  # mode='evaluate': gradient-masking checks (gradient_masking.py) on this many test examples.
+  c.evaluation.check_examples = 256  # 0 = off.
   c.evaluation.batch_size = 256
   c.evaluation.max_examples = 0  # Evaluate on a fixed stratified sample of N (0 = all).
-  # Like attack.loop, for evaluation attacks; a rolled CW-40 compiles much faster.
+  # Like attack.loop, for PGD and CW; a rolled CW-40 compiles much faster. APGD and Square loops
+  # are always rolled (100 unrolled steps compile for minutes).
   c.evaluation.loop = "auto"
   return c
 
@@ -249,29 +276,33 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _validate_search(config)
   _one_of(config, "dataset.name", data.DATASETS)
   _one_of(config, "model.arch", tuple(arch.TEACHERS))
+  _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "attack.norm", ("linf", "l2"))
   _one_of(config, "attack.loop", ATTACK_LOOPS)
   _one_of(config, "evaluation.loop", ATTACK_LOOPS)
   _one_of(config, "training.method", TRAINING_METHODS)
   _one_of(config, "training.schedule", SCHEDULES)
   _one_of(config, "evaluation.norm", ("linf", "l2"))
-  for name in config.evaluation.attacks:
-    if name not in EVALUATION_ATTACKS:
-      _fail("evaluation.attacks", tuple(config.evaluation.attacks),
-            "a tuple of " + ", ".join(EVALUATION_ATTACKS))
+  for field in ("evaluation.attacks", "evaluation.suite"):
+    if any(name not in EVALUATION_ATTACKS for name in _get(config, field)):
+      _fail(field, tuple(_get(config, field)), "a tuple of " + ", ".join(EVALUATION_ATTACKS))
   for field in ("attack.eps", "attack.step_size", "evaluation.eps", "training.weight_decay",
                 "dataset.validation_size",
                 "training.grad_clip", "training.trades_beta", "training.distill_weight",
                 "training.warmup_epochs", "dataset.max_train_examples", "dataset.crop_padding",
                 "dataset.max_image_size",
                 "evaluation.max_examples", "evaluation.pgd_step_size",
+                "evaluation.check_examples",
                 "evaluation.cw_step_size"):
     _at_least(config, field, 0)
   for field in ("training.epochs", "training.batch_size", "training.learning_rate",
                 "attack.num_steps", "evaluation.pgd_steps", "evaluation.cw_steps",
                 "evaluation.restarts", "evaluation.batch_size", "training.log_every_steps",
+                "evaluation.apgd_steps", "evaluation.apgd_targets", "evaluation.square_queries",
                 "training.checkpoint_every_steps", "training.distill_temperature"):
     _at_least(config, field, 0, strict=True)
+  if config.mode == "evaluate" and not config.checkpoint:
+    _fail("checkpoint", config.checkpoint, "the path of an exported student with mode='evaluate'")
   if not 0 <= config.training.ema_decay < 1:
     _fail("training.ema_decay", config.training.ema_decay, "a number in [0, 1)")
   if not 0 <= config.training.momentum < 1:
@@ -290,6 +321,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   for field in ("search.proxy.batch_size", "search.proxy.validation_examples"):
     if _get(config, field) % slice_size:
       _fail(field, _get(config, field), f"a multiple of the {slice_size} devices of a slice")
+  _validate_distributed(config)
 
 
 def candidate_slices(config: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -297,3 +329,22 @@ def candidate_slices(config: ml_collections.ConfigDict, num_devices: int) -> int
   if config.parallel.candidates:
     return config.parallel.candidates
   return math.gcd(config.search.students_per_update, num_devices)
+
+
+def _validate_distributed(config) -> None:
+  """The multi-process fields."""
+  d = config.distributed
+  if not isinstance(d.enabled, bool):
+    _fail("distributed.enabled", d.enabled, "True or False")
+  if d.coordinator_address and not _host_port(d.coordinator_address):
+    _fail("distributed.coordinator_address", d.coordinator_address, "'' or host:port")
+  _at_least(config, "distributed.num_processes", 0)
+  _at_least(config, "distributed.process_id", -1)
+  if d.num_processes and d.process_id >= d.num_processes:
+    _fail("distributed.process_id", d.process_id, f"-1 or a number < {d.num_processes}")
+
+
+def _host_port(address: str) -> bool:
+  """Whether `address` looks like host:port."""
+  host, _, port = address.rpartition(":")
+  return bool(host) and port.isdigit()

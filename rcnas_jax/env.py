@@ -117,12 +117,13 @@ def train_student(env: Environment, task: Task, spec: arch.NetworkSpec, config, 
   info = dataset.info
   teacher_spec = arch.teacher(task.teacher)
   teacher_variables = env.teachers[(task.dataset, task.teacher)]
-  model = models.build(spec, info.num_classes, info.mean, info.std)
+  model = models.build(spec, info.num_classes, info.mean, info.std, config.model.dtype)
   fresh = models.init(model, jax.random.key(config.seed), info.image_shape)
   initial = _inherit(teacher_variables, fresh, teacher_spec, spec)
   teacher = None
   if config.training.distill_weight:
-    teacher = (models.build(teacher_spec, info.num_classes, info.mean, info.std),
+    teacher = (models.build(teacher_spec, info.num_classes, info.mean, info.std,
+                            config.model.dtype),
                teacher_variables)
   state = training.train(model, split, info.image_shape, config, workdir, mesh or env.mesh,
                          init_variables=initial, teacher=teacher, progress=progress)
@@ -195,11 +196,11 @@ def start_proxy_episode(env: Environment, task: Task, spec: arch.NetworkSpec,
   validation = subset(dataset.validation, proxy.validation_examples)
   steps = t.epochs * data.steps_per_epoch(train_split, t.batch_size)
   tx = _proxy_optimizer(t.learning_rate, t.momentum, t.weight_decay, t.grad_clip, steps)
-  model = models.build(spec, info.num_classes, info.mean, info.std)
+  model = models.build(spec, info.num_classes, info.mean, info.std, config.model.dtype)
   teacher_spec = arch.teacher(task.teacher)
   teacher = None
   if t.distill_weight:
-    teacher = models.build(teacher_spec, info.num_classes, info.mean, info.std)
+    teacher = models.build(teacher_spec, info.num_classes, info.mean, info.std, config.model.dtype)
   teacher_variables = parallel.replicate(mesh, env.teachers[(task.dataset, task.teacher)])
   key = parallel.replicate(mesh, jax.random.key(config.seed))
   init_key, train_key, attack_key = jax.random.split(key, 3)

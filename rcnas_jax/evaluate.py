@@ -1,13 +1,19 @@
 """Clean and robust accuracy of a model on a split, with the attack settings beside every number.
 
 The model is always evaluated in eval mode (BN running statistics), inside the attacks too.
-Batches are padded to a fixed size (one compile per attack) and split over the mesh.
+Batches are padded to a fixed size (one compile per attack) and split over the mesh. The suite
+(SPEC §7) adds AutoAttack's APGD-CE, APGD-T and Square, and "AA-lite": their point-wise worst
+case, each attack run only on the points still robust, as AutoAttack's standard mode does.
+Given a progress file, every (attack, batch) result is appended to it as it finishes, so a killed
+evaluation continues where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 import time
 
 import flax.linen as nn
@@ -19,10 +25,15 @@ from jax.sharding import Mesh
 
 from rcnas_jax import attacks, data, models, parallel
 
+AA_LITE = ("apgd-ce", "apgd-t", "square")  # AA-lite's attacks, in the order they run.
+
 
 @dataclasses.dataclass(frozen=True)
 class AttackSettings:
-  """One evaluation attack; `name` is one of attacks.ATTACKS."""
+  """One evaluation attack; `name` is one of attacks.ATTACKS.
+
+  `num_steps` counts PGD/CW/APGD iterations and Square's queries.
+  """
 
   name: str
   eps: float = 8 / 255
@@ -30,6 +41,7 @@ class AttackSettings:
   num_steps: int = 20
   norm: str = "linf"
   restarts: int = 1
+  num_targets: int = 9  # APGD-T only.
 
   def describe(self) -> str:
     """A human-readable label, e.g. 'PGD-20 (CE, L-inf eps=0.03137 (8/255), ...)'."""
@@ -37,11 +49,18 @@ class AttackSettings:
       return "clean"
     norm = "L-inf" if self.norm == "linf" else "L2"
     eps = _fraction_of_255(self.eps) if self.norm == "linf" else f"{self.eps:g}"
+    restarts = f"{self.restarts} restart{'s' if self.restarts > 1 else ''}"
     if self.name == "fgsm":
       return f"FGSM (CE, {norm} eps={eps})"
+    if self.name.startswith("apgd"):
+      loss = {"apgd-ce": "CE", "apgd-dlr": "DLR"}.get(self.name, f"targeted DLR, "
+                                                                 f"{self.num_targets} targets")
+      return (f"APGD-{self.name[5:].upper()}-{self.num_steps} ({loss}, {norm} eps={eps}, "
+              f"{restarts})")
+    if self.name == "square":
+      return f"Square ({self.num_steps} queries, margin, p_init=0.8, {norm} eps={eps}, {restarts})"
     loss = "CE" if self.name == "pgd" else "CW margin"
     step = _fraction_of_255(self.step_size) if self.norm == "linf" else f"{self.step_size:g}"
-    restarts = f"{self.restarts} restart{'s' if self.restarts > 1 else ''}"
     return (f"{'PGD' if self.name == 'pgd' else 'CW'}-{self.num_steps} ({loss}, {norm} "
             f"eps={eps}, step={step}, random start, {restarts})")
 
@@ -51,28 +70,48 @@ def _fraction_of_255(value: float) -> str:
   return f"{value:.4g} ({value * 255:.3g}/255)"
 
 
-def attacks_from_config(e: ml_collections.ConfigDict) -> tuple[AttackSettings, ...]:
-  """The evaluation attacks named in config.evaluation."""
-  steps = {"pgd": (e.pgd_steps, e.pgd_step_size), "cw": (e.cw_steps, e.cw_step_size)}
-  settings = []
-  for name in e.attacks:
-    num_steps, step_size = steps.get(name, (1, e.eps))
-    settings.append(AttackSettings(name, e.eps, step_size=step_size, num_steps=num_steps,
-                                   norm=e.norm, restarts=e.restarts))
-  return tuple(settings)
+def settings_for(name: str, e: ml_collections.ConfigDict) -> AttackSettings:
+  """The settings config.evaluation gives attack `name` (one of attacks.ATTACKS)."""
+  steps = {"pgd": (e.pgd_steps, e.pgd_step_size), "cw": (e.cw_steps, e.cw_step_size),
+           "apgd-ce": (e.apgd_steps, 0.0), "apgd-dlr": (e.apgd_steps, 0.0),
+           "apgd-t": (e.apgd_steps, 0.0), "square": (e.square_queries, 0.0)}
+  num_steps, step_size = steps.get(name, (1, e.eps))
+  return AttackSettings(name, e.eps, step_size=step_size, num_steps=num_steps, norm=e.norm,
+                        restarts=e.restarts, num_targets=e.apgd_targets)
+
+
+def attacks_from_config(e: ml_collections.ConfigDict,
+                        names=None) -> tuple[AttackSettings, ...]:
+  """The attacks of `names` (default config.evaluation.attacks) that run on every example."""
+  return tuple(settings_for(name, e) for name in (names or e.attacks) if name != "aa-lite")
+
+
+def aa_lite_from_config(e: ml_collections.ConfigDict, names=None) -> tuple[AttackSettings, ...]:
+  """AA-lite's attacks when `names` (default config.evaluation.attacks) has 'aa-lite', else ()."""
+  return tuple(settings_for(n, e) for n in AA_LITE) if "aa-lite" in (names or e.attacks) else ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-example results, batch by batch, with a progress file.
+# ---------------------------------------------------------------------------------------------
 
 
 @functools.partial(jax.jit, static_argnames=("model", "attack", "unroll"))
-def _count_correct(variables, images, labels, mask, key, *, model: nn.Module,
-                   attack: AttackSettings, unroll: bool) -> jax.Array:
-  """How many unmasked examples the model still classifies correctly under `attack`."""
+def _correct(variables, images, labels, key, *, model: nn.Module, attack: AttackSettings,
+             unroll: bool) -> jax.Array:
+  """Per example, whether the model still classifies it correctly under `attack`.
+
+  `unroll` applies to PGD and CW; APGD's loop stays rolled (unrolled, 100 steps compile for
+  minutes, and a rolled loop costs less than 2x at run time even on CPU).
+  """
+  unroll = unroll and attack.name in ("pgd", "cw")
   logits_fn = models.logits_fn(model, variables)
   x = images.astype(jnp.float32) / 255.0
   adversarial = attacks.attack(attack.name, logits_fn, x, labels, key, eps=attack.eps,
                                step_size=attack.step_size, num_steps=attack.num_steps,
-                               norm=attack.norm, restarts=attack.restarts, unroll=unroll)
-  correct = jnp.argmax(logits_fn(adversarial), axis=-1) == labels
-  return jnp.sum(correct & mask)
+                               norm=attack.norm, restarts=attack.restarts,
+                               num_targets=attack.num_targets, unroll=unroll)
+  return jnp.argmax(logits_fn(adversarial), axis=-1) == labels
 
 
 def _padded_batches(split: data.Split, batch_size: int):
@@ -88,34 +127,144 @@ def _padded_batches(split: data.Split, batch_size: int):
     yield images, labels, np.arange(batch_size) < valid
 
 
+class Progress:
+  """Per-(attack, batch) results appended to a JSONL file, read back on restart (None = off)."""
+
+  def __init__(self, path: str | None):
+    self.path = path
+    self.done = {}
+    if path and os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          if line.endswith("\n"):  # A line cut by a kill is dropped and recomputed.
+            record = json.loads(line)
+            self.done[(record["tag"], record["batch"])] = record
+
+  def get(self, tag: str, batch: int) -> dict | None:
+    return self.done.get((tag, batch))
+
+  def put(self, tag: str, batch: int, correct: np.ndarray, seconds: float) -> None:
+    record = {"tag": tag, "batch": batch, "correct": "".join("01"[int(c)] for c in correct),
+              "seconds": round(seconds, 3)}
+    self.done[(tag, batch)] = record
+    if self.path:
+      os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _batch_size(batch_size: int, count: int, mesh: Mesh) -> int:
+  """`batch_size`, shrunk for small splits, a multiple of the mesh size."""
+  devices = len(mesh.devices.flat)
+  return min(batch_size, -(-count // devices) * devices)
+
+
+def correct_flags(model: nn.Module, variables: dict, split: data.Split, attack: AttackSettings,
+                  key: jax.Array, mesh: Mesh, *, batch_size: int = 256, unroll: bool = True,
+                  progress: Progress | None = None, tag: str = "") -> tuple[np.ndarray, float]:
+  """Per example of `split`, correct under `attack`; and the attack's compute seconds."""
+  progress = progress or Progress(None)
+  if len(split) == 0:
+    return np.zeros(0, bool), 0.0
+  batch_size = _batch_size(batch_size, len(split), mesh)
+  tag = f"{tag}{attack.describe()}|n={len(split)}|batch={batch_size}"
+  flags, seconds = [], 0.0
+  for i, (images, labels, mask) in enumerate(_padded_batches(split, batch_size)):
+    record = progress.get(tag, i)
+    if record is None:
+      started = time.perf_counter()
+      images, labels = parallel.shard_batch(mesh, images, labels)
+      correct = np.asarray(_correct(variables, images, labels, jax.random.fold_in(key, i),
+                                    model=model, attack=attack, unroll=unroll))[mask]
+      progress.put(tag, i, correct, time.perf_counter() - started)
+      record = progress.get(tag, i)
+    flags.append(np.array([c == "1" for c in record["correct"]], bool))
+    seconds += record["seconds"]
+  return np.concatenate(flags), seconds
+
+
+def _result(correct: np.ndarray, attack: str, seconds: float) -> dict:
+  """The reported entry of one attack."""
+  return {"accuracy": float(np.mean(correct)), "n_examples": int(len(correct)),
+          "attack": attack, "seconds": round(seconds, 2)}
+
+
 def robust_accuracy(model: nn.Module, variables: dict, split: data.Split,
                     attack: AttackSettings, key: jax.Array, mesh: Mesh, *,
-                    batch_size: int = 256, unroll: bool = True) -> dict:
+                    batch_size: int = 256, unroll: bool = True,
+                    progress: Progress | None = None) -> dict:
   """Accuracy under `attack` on `split`: {accuracy, n_examples, attack, seconds}."""
-  started = time.perf_counter()
   variables = parallel.replicate(mesh, variables)
-  batch_size = min(batch_size, -(-len(split) // len(mesh.devices.flat)) * len(mesh.devices.flat))
-  correct = 0
-  for i, (images, labels, mask) in enumerate(_padded_batches(split, batch_size)):
-    images, labels, mask = parallel.shard_batch(mesh, images, labels, mask)
-    correct += int(_count_correct(variables, images, labels, mask, jax.random.fold_in(key, i),
-                                  model=model, attack=attack, unroll=unroll))
-  return {"accuracy": correct / len(split), "n_examples": len(split),
-          "attack": attack.describe(), "seconds": time.perf_counter() - started}
+  correct, seconds = correct_flags(model, variables, split, attack, key, mesh,
+                                   batch_size=batch_size, unroll=unroll, progress=progress)
+  return _result(correct, attack.describe(), seconds)
+
+
+def aa_lite(model: nn.Module, variables: dict, split: data.Split,
+            components: tuple[AttackSettings, ...], robust: np.ndarray, key: jax.Array,
+            mesh: Mesh, *, batch_size: int = 256, unroll: bool = True,
+            progress: Progress | None = None, known: dict | None = None) -> dict:
+  """The point-wise worst case of `components`, each run only on the points still robust.
+
+  `robust` is the clean-correct mask; `known` maps settings to (per-example flags, seconds)
+  already computed on the whole split (reused, with their time, instead of running again).
+  """
+  variables = parallel.replicate(mesh, variables)
+  robust, seconds, after = robust.copy(), 0.0, {}
+  for j, attack in enumerate(components):
+    if known and attack in known:
+      robust &= known[attack][0]
+      seconds += known[attack][1]
+    else:
+      index = np.flatnonzero(robust)
+      flags, spent = correct_flags(
+          model, variables, data.Split(split.images[index], split.labels[index]), attack,
+          jax.random.fold_in(key, j), mesh, batch_size=batch_size, unroll=unroll,
+          progress=progress, tag="aa-lite|")
+      robust[index] = flags
+      seconds += spent
+    after[attack.name] = float(np.mean(robust))
+  label = ("AA-lite: point-wise worst case of " + ", ".join(a.describe() for a in components)
+           + ", each on the points still robust")
+  return {**_result(robust, label, seconds), "after": after, "robust": robust}
 
 
 def evaluate(model: nn.Module, variables: dict, split: data.Split,
              attack_list: tuple[AttackSettings, ...], key: jax.Array, mesh: Mesh, *,
-             batch_size: int = 256, unroll: bool = True) -> dict[str, dict]:
-  """`robust_accuracy` for each attack, keyed by attack name."""
-  return {a.name: robust_accuracy(model, variables, split, a, jax.random.fold_in(key, i), mesh,
-                                  batch_size=batch_size, unroll=unroll)
-          for i, a in enumerate(attack_list)}
+             batch_size: int = 256, unroll: bool = True,
+             aa_lite_attacks: tuple[AttackSettings, ...] = (),
+             progress_path: str | None = None) -> dict[str, dict]:
+  """Results keyed by attack name: each of `attack_list`, then 'aa-lite' if it has attacks.
+
+  AA-lite reuses the per-example results of those of its attacks that are in `attack_list`.
+  """
+  progress = Progress(progress_path)
+  variables = parallel.replicate(mesh, variables)
+  results, known = {}, {}
+  for i, a in enumerate(attack_list):
+    correct, seconds = correct_flags(model, variables, split, a, jax.random.fold_in(key, i),
+                                     mesh, batch_size=batch_size, unroll=unroll,
+                                     progress=progress)
+    known[a] = (correct, seconds)
+    results[a.name] = _result(correct, a.describe(), seconds)
+  if aa_lite_attacks:
+    clean = next((flags for a, (flags, _) in known.items() if a.name == "clean"), None)
+    if clean is None:
+      clean = correct_flags(model, variables, split, AttackSettings("clean"), key, mesh,
+                            batch_size=batch_size, progress=progress)[0]
+    result = aa_lite(model, variables, split, aa_lite_attacks, clean,
+                     jax.random.fold_in(key, len(attack_list)), mesh, batch_size=batch_size,
+                     unroll=unroll, progress=progress, known=known)
+    del result["robust"]
+    results["aa-lite"] = result
+  return results
 
 
 def format_table(results: dict[str, dict]) -> str:
-  """A Markdown table: attack, accuracy, examples, settings."""
-  rows = ["| attack | accuracy (%) | examples | settings |", "|---|---:|---:|---|"]
+  """A Markdown table: attack, accuracy, examples, settings, seconds."""
+  rows = ["| attack | accuracy (%) | examples | settings | time (s) |",
+          "|---|---:|---:|---|---:|"]
   for name, r in results.items():
-    rows.append(f"| {name} | {100 * r['accuracy']:.2f} | {r['n_examples']} | {r['attack']} |")
+    rows.append(f"| {name} | {100 * r['accuracy']:.2f} | {r['n_examples']} | {r['attack']} | "
+                f"{r.get('seconds', 0):.1f} |")
   return "\n".join(rows)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from rcnas_jax import arch, models
+from rcnas_jax import arch, models, parallel
 
 
 class Student(NamedTuple):
@@ -25,16 +25,22 @@ class Student(NamedTuple):
 
 
 def export_student(path: str, spec: arch.NetworkSpec, variables: dict, *, num_classes: int,
-                   image_shape, mean, std, metrics: dict | None = None) -> None:
-  """Writes <path>/variables (Orbax), <path>/student.json (spec + data) and metrics.json."""
+                   image_shape, mean, std, metrics: dict | None = None,
+                   dataset: str = "") -> None:
+  """Writes <path>/variables (Orbax), <path>/student.json (spec + data) and metrics.json.
+
+  `dataset` (optional) names the dataset the student was trained on, for `mode='evaluate'`.
+  """
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(path, "variables"), jax.device_get(variables), force=True)
+    checkpointer.save(os.path.join(path, "variables"), parallel.to_host(variables), force=True)
   meta = {"spec": spec.to_dict(), "num_classes": num_classes, "image_shape": list(image_shape),
-          "mean": list(mean), "std": list(std),
+          "mean": list(mean), "std": list(std), "dataset": dataset,
           "params": arch.count_params(spec, num_classes, image_shape[-1]),
           "macs": arch.count_macs(spec, image_shape[0], num_classes, image_shape[-1])}
+  if not parallel.is_primary():  # Every process saves the variables (Orbax), one the JSON.
+    return
   with open(os.path.join(path, "student.json"), "w") as f:
     json.dump(meta, f, indent=2)
   with open(os.path.join(path, "metrics.json"), "w") as f:

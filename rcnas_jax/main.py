@@ -1,7 +1,8 @@
 """Command line: `python -m rcnas_jax.main --config=configs/quickstart.py --workdir=DIR`.
 
 Fields are overridden with `--config.training.epochs=5`. A bad value stops at once with one
-line naming the field; a killed run resumes from its workdir.
+line naming the field; a killed run resumes from its workdir. `--config.mode=evaluate
+--config.checkpoint=DIR/export` runs the evaluation suite on an exported student.
 """
 
 import os
@@ -16,7 +17,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from rcnas_jax import config as config_lib, data, pipeline  # noqa: E402
+from rcnas_jax import config as config_lib, data, parallel, pipeline  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.",
                                 lock_config=True)
@@ -27,6 +28,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  # Multi-host runs join JAX's distributed runtime before any computation (see launch/).
+  parallel.maybe_initialize_distributed(flags.FLAGS.config)
   try:
     pipeline.run(flags.FLAGS.config, flags.FLAGS.workdir)
   except (config_lib.ConfigError, data.DatasetNotFoundError) as error:

@@ -4,6 +4,7 @@ mode='search' (RC-NAS): teachers -> meta-training -> fine-tuning on the held-out
 baselines (R-NAS, random search) -> full adversarial training of the best student of each
 method and of the hand-scaled RobustResNet-style student -> evaluation on the test split ->
 report -> export. mode='train': adversarial training and evaluation of one network.
+mode='evaluate': the evaluation suite on an exported student (`evaluation_report`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import jax
 import ml_collections
 import optax
 
-from rcnas_jax import (arch, config as config_lib, data, env as env_lib, evaluate, export,
-                       models, parallel, report, search, training)
+from rcnas_jax import (arch, compilation, config as config_lib, data, env as env_lib, evaluate,
+                       evaluation_report, export, models, parallel, report, search, training)
 from rcnas_jax.state import ProbeCache, Task
 
 
@@ -49,20 +50,28 @@ def _read_json(path: str):
 
 
 def _write_json(path: str, value) -> None:
-  """Writes atomically, so a kill never leaves half a file."""
+  """Writes atomically, so a kill never leaves half a file; only process 0 of a multi-host run."""
+  if not parallel.is_primary():
+    return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".tmp", "w") as f:
     json.dump(value, f, indent=2)
   os.replace(path + ".tmp", path)
 
 
-def evaluate_on_test(config, model, variables, split: data.Split, mesh) -> dict:
-  """The configured evaluation attacks on (the first examples of) the test split."""
+def evaluate_on_test(config, model, variables, split: data.Split, mesh,
+                     progress_path: str | None = None) -> dict:
+  """The configured evaluation suite on (a stratified sample of) the test split.
+
+  With `progress_path`, per-(attack, batch) results are kept there and a rerun continues.
+  """
   return evaluate.evaluate(
       model, variables, data.sample(split, config.evaluation.max_examples),
       evaluate.attacks_from_config(config.evaluation), jax.random.key(config.seed + 1), mesh,
       batch_size=config.evaluation.batch_size,
-      unroll=training.unroll_attack_loops(config.evaluation.loop))
+      unroll=training.unroll_attack_loops(config.evaluation.loop),
+      aa_lite_attacks=evaluate.aa_lite_from_config(config.evaluation),
+      progress_path=progress_path)
 
 
 def _describe(spec: arch.NetworkSpec, info: data.DatasetInfo) -> dict:
@@ -79,24 +88,33 @@ def _describe(spec: arch.NetworkSpec, info: data.DatasetInfo) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Adversarially trains the configured network and evaluates it on the test split."""
-  mesh = parallel.data_mesh()
+  mesh = parallel.mesh_from_config(config)
   dataset = load_dataset(config)
   info = dataset.info
   spec = arch.teacher(config.model.arch)
-  model = models.build(spec, info.num_classes, info.mean, info.std)
+  model = models.build(spec, info.num_classes, info.mean, info.std, config.model.dtype)
   sizes = _describe(spec, info)
   print(f"{config.model.arch}: {sizes['params']:,} params, {sizes['macs']:,} MACs; {info.name}: "
         f"{len(dataset.train)} train / {len(dataset.validation)} validation / "
         f"{len(dataset.test)} test; {len(jax.devices())} {jax.default_backend()} device(s)")
-  state = training.train(model, dataset.train, info.image_shape, config, workdir, mesh)
+  timer = PhaseTimer(os.path.join(workdir, "timings.json"))
+  state = timer.run("training", lambda: training.train(model, dataset.train, info.image_shape,
+                                                       config, workdir, mesh))
   variables = training.eval_variables(state, use_ema=config.training.ema_decay > 0)
-  results = evaluate_on_test(config, model, variables, dataset.test, mesh)
+  float32 = models.build(spec, info.num_classes, info.mean, info.std)  # Attacks in full precision.
+  results = timer.run("evaluation", lambda: evaluate_on_test(config, float32, variables,
+                                                             dataset.test, mesh))
   table = evaluate.format_table(results)
   print(f"\nTest split of {info.name}, {config.model.arch}, eval-mode BN:\n{table}")
   _write_json(os.path.join(workdir, "results.json"),
               {"arch": spec.to_dict(), "dataset": info.name, "results": results})
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(table + "\n")
+  if parallel.is_primary():
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(table + "\n")
+  export.export_student(os.path.join(workdir, "export"), spec, variables,
+                        num_classes=info.num_classes, image_shape=info.image_shape,
+                        mean=info.mean, std=info.std, metrics={"results": results},
+                        dataset=info.name)
   return results
 
 
@@ -124,7 +142,7 @@ def train_teachers(config, datasets: dict[str, data.Dataset], pairs, workdir: st
     dataset = datasets[dataset_name]
     info = dataset.info
     spec = arch.teacher(teacher_name)
-    model = models.build(spec, info.num_classes, info.mean, info.std)
+    model = models.build(spec, info.num_classes, info.mean, info.std, config.model.dtype)
     print(f"teacher {name}: {_describe(spec, info)['macs']:,} MACs")
     state = training.train(model, dataset.train, info.image_shape,
                            _with_training_epochs(config, config.teacher.epochs),
@@ -154,14 +172,16 @@ def _train_final(env, task: Task, spec: arch.NetworkSpec, workdir: str, mesh,
   if done is None:
     dataset = env.datasets[task.dataset]
     print(f"final training of {_spec_name(spec)}")
-    model, variables = env_lib.train_student(env, task, spec, env.config, dataset.train,
-                                             workdir=directory, progress=progress, mesh=mesh)
-    results = evaluate_on_test(env.config, model, variables, dataset.test, mesh)
+    _, variables = env_lib.train_student(env, task, spec, env.config, dataset.train,
+                                         workdir=directory, progress=progress, mesh=mesh)
+    model = models.build(spec, dataset.info.num_classes, dataset.info.mean, dataset.info.std)
+    results = evaluate_on_test(env.config, model, variables, dataset.test, mesh,
+                               os.path.join(directory, "evaluation.jsonl"))
     done = {"spec": spec.to_dict(), **_describe(spec, dataset.info), "results": results}
     export.export_student(os.path.join(directory, "export"), spec, variables,
                           num_classes=dataset.info.num_classes,
                           image_shape=dataset.info.image_shape, mean=dataset.info.mean,
-                          std=dataset.info.std, metrics=done)
+                          std=dataset.info.std, metrics=done, dataset=task.dataset)
     _write_json(path, done)
   return done
 
@@ -225,18 +245,24 @@ def _teacher_row(env, task: Task, workdir: str, mesh) -> dict:
 
 
 class PhaseTimer:
-  """Wall time of each phase, kept from the run that first finished it."""
+  """Wall time and compilations of each phase, kept from the run that first finished it."""
 
   def __init__(self, path: str):
     self.path = path
     self.times = _read_json(path) or {}
+    self.compiles_path = os.path.join(os.path.dirname(path), "compiles.json")
+    self.compiles = _read_json(self.compiles_path) or {}
 
   def run(self, name: str, fn):
     started = time.perf_counter()
-    value = fn()
+    with compilation.track() as compiles:
+      value = fn()
     if name not in self.times:
       self.times[name] = round(time.perf_counter() - started, 1)
       _write_json(self.path, self.times)
+      self.compiles[name] = compiles.to_dict()
+      _write_json(self.compiles_path, self.compiles)
+      print(f"{name}: {self.times[name]} s, {compiles.describe()}")
     return value
 
 
@@ -244,7 +270,7 @@ def environment(config: ml_collections.ConfigDict, workdir: str,
                 timer: "PhaseTimer") -> tuple[env_lib.Environment, Task]:
   """Datasets, trained teachers, meshes and caches for the search, and the target task."""
   s = config.search
-  mesh = parallel.data_mesh()
+  mesh = parallel.mesh_from_config(config)
   names = sorted(set(s.datasets) | {s.target.dataset})
   datasets = timer.run("data", lambda: {n: load_dataset(config, n) for n in names})
   info = datasets[s.target.dataset].info
@@ -298,7 +324,7 @@ def rc_nas(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if best is not None:
       candidates[method] = arch.spec_from_dict(best["spec"])
   rows = timer.run("final trainings", lambda: final_rows(env, target, candidates, workdir))
-  return report.write(workdir, config, target, rows, phases, timer.times)
+  return report.write(workdir, config, target, rows, phases, timer.times, timer.compiles)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
@@ -306,8 +332,11 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   config_lib.validate(config, num_devices=len(jax.devices()))
   os.makedirs(workdir, exist_ok=True)
   enable_compilation_cache(config.compilation_cache_dir or os.path.join(workdir, "jax_cache"))
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
+  if parallel.is_primary():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
   if config.mode == "train":
     return train_and_evaluate(config, workdir)
+  if config.mode == "evaluate":
+    return evaluation_report.run(config, workdir)
   return rc_nas(config, workdir)

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # Files only; no display needed.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rcnas_jax import arch, search  # noqa: E402
+from rcnas_jax import arch, parallel, search  # noqa: E402
 
 PHASE_LABELS = {"meta": "meta-training", "finetune": "RC-NAS fine-tuning", "rnas": "R-NAS",
                 "random": "random search"}
@@ -41,7 +41,24 @@ def markdown(report: dict) -> str:
                  f"{stats['best_reward']:.4f} | {stats['evaluations_to_best']} |")
   lines += ["", "Wall time per phase (s): " + ", ".join(
       f"{k} {v}" for k, v in report["timings"].items())]
+  if report.get("compiles"):
+    lines += ["", compile_table(report["timings"], report["compiles"])]
   return "\n".join(lines) + "\n"
+
+
+def compile_table(timings: dict, compiles: dict) -> str:
+  """Per phase: wall time, XLA compiles, time compiling and tracing, persistent-cache hits."""
+  lines = ["| phase | wall (s) | compiles | compiling (s) | tracing (s) | from cache |",
+           "|---|---:|---:|---:|---:|---:|"]
+  for phase, c in compiles.items():
+    lines.append(f"| {phase} | {timings.get(phase, '')} | {c['compiles']} | "
+                 f"{c['compile_seconds']:.1f} | {c['trace_seconds']:.1f} | {c['cache_hits']} |")
+  total = {k: sum(c[k] for c in compiles.values())
+           for k in ("compiles", "compile_seconds", "trace_seconds", "cache_hits")}
+  lines.append(f"| total | {sum(timings.get(p, 0) for p in compiles):.1f} | "
+               f"{total['compiles']} | {total['compile_seconds']:.1f} | "
+               f"{total['trace_seconds']:.1f} | {total['cache_hits']} |")
+  return "\n".join(lines)
 
 
 def plot_rewards(phases: dict[str, list[dict]], path: str) -> None:
@@ -93,8 +110,11 @@ def plot_topology(teacher: arch.NetworkSpec, student: arch.NetworkSpec, path: st
 
 
 def write(workdir: str, config, target, rows: list[dict], phases: dict[str, list[dict]],
-          timings: dict) -> dict:
-  """Writes report.json, report.md and the plots; returns the report."""
+          timings: dict, compiles: dict | None = None) -> dict:
+  """Writes report.json, report.md and the plots (process 0 only); returns the report.
+
+  `compiles` maps a phase to its compilation.CompileStats.to_dict().
+  """
   report = {
       "target": target.key(), "budget_macs": target.budget_macs,
       "n_examples": rows[0]["results"][next(iter(rows[0]["results"]))]["n_examples"],
@@ -103,8 +123,10 @@ def write(workdir: str, config, target, rows: list[dict], phases: dict[str, list
                          "best_reward": max(e["reward"] for e in episodes),
                          "evaluations_to_best": search.evaluations_to_best(episodes)}
                  for phase, episodes in phases.items() if episodes},
-      "timings": timings, "seed": config.seed,
+      "timings": timings, "compiles": compiles or {}, "seed": config.seed,
   }
+  if not parallel.is_primary():
+    return report
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
   text = markdown(report)

@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rcnas_jax import arch, attacks, lipschitz, models
+from jax.sharding import Mesh
+
+from rcnas_jax import arch, attacks, lipschitz, models, parallel
 from rcnas_jax.policy import Observation
 
 TASK_ATTACKS = ("clean", "fgsm", "pgd", "cw")
@@ -76,6 +78,21 @@ def probe_statistics(variables: dict, images: jax.Array, labels: jax.Array, key:
   norms = lipschitz.jacobian_spectral_norm(logits_fn, adversarial, power_key, num_iters)
   error = jnp.mean(jnp.argmax(logits_fn(adversarial), -1) != labels)
   return {"lips": jnp.mean(norms), "teacher_error": error}
+
+
+def probe_statistics_on_mesh(mesh: Mesh, variables: dict, images, labels, key, **settings) -> dict:
+  """`probe_statistics` as host floats, with the probe batch split over `mesh`.
+
+  Every statistic is a mean of per-example values, so splitting changes nothing but the speed;
+  a probe that does not divide over the devices is replicated instead.
+  """
+  variables = parallel.replicate(mesh, variables)
+  if len(labels) % parallel.num_batch_devices(mesh) == 0:
+    images, labels = parallel.shard_batch(mesh, images, labels)
+  else:
+    images, labels = parallel.replicate(mesh, (np.asarray(images), np.asarray(labels)))
+  stats = probe_statistics(variables, images, labels, key, **settings)
+  return {k: float(v) for k, v in stats.items()}
 
 
 def stage_features(spec: arch.NetworkSpec) -> np.ndarray:

@@ -215,6 +215,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, settings
 # ---------------------------------------------------------------------------------------------
 
 
+def global_batch(mesh: Mesh, split: data.Split, batch_size: int, *, seed: int,
+                 step: int) -> tuple[jax.Array, jax.Array]:
+  """`data.batch_at(split, ...)` on the mesh; each process reads only the rows it holds."""
+  rows = parallel.process_rows(mesh, batch_size)
+  indices = data.batch_indices(len(split), batch_size, seed=seed, step=step)[rows]
+  return parallel.shard_local_batch(mesh, batch_size, split.images[indices],
+                                    split.labels[indices])
+
+
 def train(model: nn.Module, split: data.Split, image_shape, config: ml_collections.ConfigDict,
           workdir: str | None, mesh: Mesh, *, init_variables: dict | None = None,
           teacher: tuple[nn.Module, dict] | None = None, max_steps: int | None = None,
@@ -239,14 +248,16 @@ def train(model: nn.Module, split: data.Split, image_shape, config: ml_collectio
   if manager:
     state = checkpoint.restore_latest(manager, state, parallel.replicated(mesh)) or state
   teacher_model, teacher_variables = teacher if teacher else (None, None)
+  if teacher_variables is not None:  # Placed once, not copied to the devices at every step.
+    teacher_variables = parallel.replicate(mesh, teacher_variables)
   step_fn = make_train_step(model, tx, settings, mesh, teacher_model)
-  writer = metrics.MetricsWriter(workdir) if workdir else None
+  writer = metrics.MetricsWriter(workdir) if workdir and parallel.is_primary() else None
   stop = min(total_steps, max_steps or total_steps)
   start = int(state["step"])
-  bar = metrics.progress(total=stop, initial=start, desc="train", disable=not progress)
+  bar = metrics.progress(total=stop, initial=start, desc="train",
+                         disable=not (progress and parallel.is_primary()))
   for step in range(start, stop):
-    images, labels = parallel.shard_batch(
-        mesh, *data.batch_at(split, t.batch_size, seed=config.seed, step=step))
+    images, labels = global_batch(mesh, split, t.batch_size, seed=config.seed, step=step)
     state, step_metrics = step_fn(state, images, labels, step_key, teacher_variables)
     done = step + 1
     if writer and (done % t.log_every_steps == 0 or done == stop):

@@ -135,10 +135,137 @@ def test_losses_on_hand_computed_cases():
 
 
 @pytest.mark.parametrize("kwargs,needle", [(dict(norm="l1"), "norm='l1'"),
-                                           (dict(loss="dlr"), "loss='dlr'"),
+                                           (dict(loss="hinge"), "loss='hinge'"),
                                            (dict(eps=-1.0), "eps=-1.0")])
 def test_bad_settings_fail_with_one_line(kwargs, needle):
   logits_fn, _, _, images, labels = _linear_problem(n=4)
   settings = {"eps": 0.1, "step_size": 0.1, "num_steps": 1, "norm": "linf", **kwargs}
   with pytest.raises(ValueError, match=needle):
     attacks.pgd(logits_fn, images, labels, jax.random.key(0), **settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# AutoAttack: APGD, APGD-T, Square.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dlr_losses_on_hand_computed_cases():
+  logits = jnp.array([[4.0, 3.0, 1.0, 0.0], [0.0, 2.0, 6.0, 1.0]])
+  labels = jnp.array([0, 1])
+  # (max other - true) / (top1 - top3): (3 - 4) / (4 - 1); (6 - 2) / (6 - 1).
+  np.testing.assert_allclose(attacks.dlr(logits, labels), [-1 / 3, 4 / 5], rtol=1e-6)
+  # (target - true) / (top1 - (top3 + top4) / 2): (1 - 4) / (4 - 0.5); (0 - 2) / (6 - 0.5).
+  np.testing.assert_allclose(attacks.targeted_dlr(logits, labels, jnp.array([2, 0])),
+                             [-3 / 3.5, -2 / 5.5], rtol=1e-6)
+
+
+def test_apgd_checkpoints_follow_autoattack_schedule():
+  windows = attacks.apgd_checkpoints(100)
+  # Windows of 22, then 3 shorter each time, down to 6 steps.
+  assert list(np.nonzero(windows)[0]) == [21, 40, 56, 69, 79, 86, 92, 98]
+  assert list(windows[windows > 0]) == [22, 19, 16, 13, 10, 7, 6, 6]
+  assert list(np.nonzero(attacks.apgd_checkpoints(10))[0]) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_square_schedule_is_autoattack_p_selection():
+  assert [attacks.square_fraction(q, 10000) for q in (0, 10, 11, 51, 201, 501, 8001)] == [
+      0.8, 0.8, 0.4, 0.2, 0.1, 0.05, 0.8 / 512]
+  # Rescaled to 1,000 queries: query 2 is iteration 20 of the 10,000-query schedule.
+  assert attacks.square_fraction(2, 1000) == 0.4
+  sizes = attacks.square_sizes(1000, 32, 32)
+  assert sizes[0] == 29 and sizes[2] == 20 and sizes[-1] == 1  # round(sqrt(p * 1024)).
+  assert np.all(np.diff(sizes) <= 0)
+
+
+@pytest.mark.parametrize("eps", [0.02, 0.05, 0.1])
+def test_apgd_targeted_matches_exact_linear_robust_accuracy(eps):
+  logits_fn, weights, bias, images, labels = _linear_problem()
+  exact = _exact_linf_robust_accuracy(weights, bias, images, labels, eps)
+  adversarial = jax.jit(functools.partial(attacks.apgd_targeted, logits_fn, eps=eps,
+                                          num_steps=30))(images, labels, jax.random.key(0))
+  assert abs(_accuracy(logits_fn, adversarial, labels) - exact) <= 0.005
+
+
+def test_apgd_dlr_matches_exact_and_ce_is_weaker_on_a_linear_model():
+  logits_fn, weights, bias, images, labels = _linear_problem()
+  exact = _exact_linf_robust_accuracy(weights, bias, images, labels, 0.1)
+  run = lambda loss: _accuracy(logits_fn, jax.jit(functools.partial(
+      attacks.apgd, logits_fn, eps=0.1, num_steps=30, loss=loss))(
+          images, labels, jax.random.key(0)), labels)
+  assert abs(run("dlr") - exact) <= 0.005
+  # CE follows the largest logit gap's gradient, not the closest boundary: an upper bound only.
+  assert exact < run("ce") < exact + 0.2
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_stays_in_the_ball_and_box_and_loops_agree(norm):
+  logits_fn = _small_mlp(2)
+  images = jax.random.uniform(jax.random.key(7), (32, SIDE, SIDE, 1))
+  images = images.at[:4].set(0.0).at[4:8].set(1.0)
+  labels = jnp.argmax(logits_fn(images), axis=1)
+  eps = 0.05 if norm == "linf" else 0.5
+  run = lambda unroll: jax.jit(functools.partial(
+      attacks.apgd, logits_fn, eps=eps, num_steps=12, norm=norm, restarts=2, unroll=unroll))(
+          images, labels, jax.random.key(8))
+  adversarial = run(False)
+  delta = (adversarial - images).reshape(len(images), -1)
+  size = jnp.max(jnp.abs(delta), 1) if norm == "linf" else jnp.linalg.norm(delta, axis=1)
+  assert float(jnp.max(size)) <= eps * (1 + 1e-5)
+  assert float(jnp.min(adversarial)) >= 0.0 and float(jnp.max(adversarial)) <= 1.0
+  assert _accuracy(logits_fn, adversarial, labels) < 1.0
+  # Same algorithm; float reassociation differs between the loops and sign steps amplify it.
+  other = run(True)
+  assert np.mean(np.abs(np.asarray(adversarial - other)) < 1e-5) > 0.9
+  assert abs(_accuracy(logits_fn, other, labels) - _accuracy(logits_fn, adversarial, labels)) <= (
+      1 / 32)
+
+
+def test_apgd_beats_pgd_with_the_same_budget_and_never_helps_misclassified_points():
+  logits_fn = _small_mlp(3)
+  images = jax.random.uniform(jax.random.key(9), (256, SIDE, SIDE, 1))
+  labels = jnp.argmax(logits_fn(images), axis=1).at[:16].add(1) % NUM_CLASSES
+  kwargs = dict(eps=0.02, num_steps=20)
+  apgd = jax.jit(functools.partial(attacks.apgd, logits_fn, **kwargs))(
+      images, labels, jax.random.key(0))
+  pgd = jax.jit(functools.partial(attacks.pgd, logits_fn, step_size=0.005, **kwargs))(
+      images, labels, jax.random.key(0))
+  assert _accuracy(logits_fn, apgd, labels) <= _accuracy(logits_fn, pgd, labels)
+  assert not np.any(np.argmax(logits_fn(apgd[:16]), 1) == labels[:16])
+
+
+def test_square_is_score_based_and_finds_adversarials():
+  logits_fn = _small_mlp(4)
+  images = jax.random.uniform(jax.random.key(10), (128, SIDE, SIDE, 1))
+  labels = jnp.argmax(logits_fn(images), axis=1)
+  adversarial = jax.jit(functools.partial(attacks.square, logits_fn, eps=0.05,
+                                          num_queries=200, restarts=2))(
+      images, labels, jax.random.key(0))
+  assert float(jnp.max(jnp.abs(adversarial - images))) <= 0.05 + 1e-6
+  white_box = jax.jit(functools.partial(attacks.apgd, logits_fn, eps=0.05, num_steps=50))(
+      images, labels, jax.random.key(0))
+  square_accuracy = _accuracy(logits_fn, adversarial, labels)
+  assert square_accuracy < 0.7
+  assert _accuracy(logits_fn, white_box, labels) <= square_accuracy + 0.05
+  # L-inf Square only moves pixels to the corners of the ball (or the box).
+  delta = np.abs(np.asarray(adversarial - images))
+  at_corner = np.isclose(delta, 0.05, atol=1e-6) | np.isclose(np.asarray(adversarial), 0) | (
+      np.isclose(np.asarray(adversarial), 1))
+  assert at_corner.mean() > 0.99
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "square"])
+def test_named_autoattack_attacks(name):
+  logits_fn, _, _, images, labels = _linear_problem(n=64)
+  adversarial = jax.jit(functools.partial(attacks.attack, name, logits_fn, eps=0.05,
+                                          num_steps=10, num_targets=2))(
+      images, labels, jax.random.key(0))
+  assert _accuracy(logits_fn, adversarial, labels) < _accuracy(logits_fn, images, labels)
+
+
+def test_apgd_needs_enough_classes_for_dlr():
+  logits_fn = lambda x: x.reshape(x.shape[0], -1)[:, :3]
+  images, labels = jnp.zeros((2, 2, 2, 1)), jnp.zeros(2, jnp.int32)
+  with pytest.raises(ValueError, match="3 classes: the targeted DLR loss needs at least 4"):
+    attacks.apgd_targeted(logits_fn, images, labels, jax.random.key(0), eps=0.1)
+  with pytest.raises(ValueError, match="L-inf only"):
+    attacks.square(logits_fn, images, labels, jax.random.key(0), eps=0.1, norm="l2")

@@ -44,8 +44,14 @@ def test_paper_recipe_in_cifar_configs():
     ("model.arch", "WRN-1", "config.model.arch='WRN-1'"),
     ("attack.eps", -0.1, "config.attack.eps=-0.1: expected a number >= 0"),
     ("training.ema_decay", 1.0, "config.training.ema_decay=1.0: expected a number in [0, 1)"),
-    ("evaluation.attacks", ("clean", "aa"), "expected a tuple of clean, fgsm, pgd, cw"),
+    ("evaluation.attacks", ("clean", "aa"), "expected a tuple of clean, fgsm, pgd, cw, apgd-ce"),
+    ("evaluation.apgd_targets", 0, "config.evaluation.apgd_targets=0: expected a number > 0"),
     ("training.batch_size", 3, "config.training.batch_size=3: expected a multiple of the 2"),
+    ("model.dtype", "float16", "config.model.dtype='float16': expected one of float32, bfloat16"),
+    ("parallel.candidates", 3, "config.parallel.candidates=3: expected 0 (auto) or a divisor"),
+    ("distributed.coordinator_address", "node0",
+     "config.distributed.coordinator_address='node0': expected '' or host:port"),
+    ("distributed.process_id", -2, "config.distributed.process_id=-2: expected a number >= -1"),
 ])
 def test_bad_values_name_field_value_and_allowed(field, value, needle):
   c = config_lib.base_config()
@@ -65,3 +71,23 @@ def test_main_stops_with_one_line_before_any_compute(tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
       "error: config.training.method='mart': expected one of standard, pgd_at, trades")
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_candidate_slice_must_split_the_proxy_batch():
+  c = config_lib.base_config()
+  c.parallel.candidates = 2
+  c.search.proxy.batch_size = 6
+  with pytest.raises(config_lib.ConfigError, match=r"config.search.proxy.batch_size=6: expected "
+                     r"a multiple of the 4 devices of a slice"):
+    config_lib.validate(c, num_devices=8)
+  c.search.proxy.batch_size = 8
+  config_lib.validate(c, num_devices=8)
+
+
+def test_evaluate_mode_needs_a_checkpoint():
+  c = config_lib.base_config()
+  c.mode = "evaluate"
+  with pytest.raises(config_lib.ConfigError, match="config.checkpoint='': expected the path"):
+    config_lib.validate(c)
+  c.checkpoint = "runs/export"
+  config_lib.validate(c)

@@ -139,3 +139,27 @@ def test_activation_is_configurable(activation):
   x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1))
   assert model.apply(variables, x).shape == (2, 3)
   assert float(jnp.max(jnp.abs(model.apply(variables, x) - relu_model.apply(variables, x)))) > 0
+
+
+@pytest.mark.parametrize("spec", [arch.TEACHERS["tiny-8"], arch.NetworkSpec(
+    stages=(arch.StageSpec(1, 16, 1, "robust"), arch.StageSpec(1, 32, 2, "robust")))])
+def test_bfloat16_compute_keeps_float32_weights_and_statistics(spec):
+  full = models.build(spec, 10, (0.3,), (0.4,))
+  mixed = models.build(spec, 10, (0.3,), (0.4,), dtype="bfloat16")
+  variables = _randomise(models.init(full, jax.random.key(0), (8, 8, 1)), jax.random.key(1))
+  assert jax.tree.structure(models.init(mixed, jax.random.key(0), (8, 8, 1))) == (
+      jax.tree.structure(variables))
+  assert {x.dtype for x in jax.tree.leaves(models.init(mixed, jax.random.key(0), (8, 8, 1)))} == {
+      jnp.dtype(jnp.float32)}
+  images = jax.random.uniform(jax.random.key(2), (32, 8, 8, 1))
+  reference = full.apply(variables, images)
+  logits = mixed.apply(variables, images)
+  assert logits.dtype == jnp.float32
+  # bfloat16 keeps 8 significant bits: logits agree to a few percent of their scale.
+  scale = float(jnp.max(jnp.abs(reference)))
+  assert 0 < float(jnp.max(jnp.abs(logits - reference))) < 0.05 * scale
+  _, updated = mixed.apply(variables, images, train=True, mutable=["batch_stats"])
+  _, updated_full = full.apply(variables, images, train=True, mutable=["batch_stats"])
+  for a, b in zip(jax.tree.leaves(updated), jax.tree.leaves(updated_full)):
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02)

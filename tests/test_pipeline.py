@@ -23,7 +23,8 @@ def _tiny_config():
   c.model.arch = "tiny-8"
   c.attack.eps, c.attack.step_size, c.attack.num_steps = 0.1, 0.05, 2
   c.training.update(epochs=2, batch_size=32, learning_rate=0.05, log_every_steps=4)
-  c.evaluation.update(eps=0.1, pgd_steps=3, cw_steps=3, max_examples=64, batch_size=32)
+  c.evaluation.update(eps=0.1, pgd_steps=3, cw_steps=3, max_examples=64, batch_size=32,
+                      attacks=("clean", "fgsm", "pgd", "cw"))
   return c
 
 
@@ -68,7 +69,8 @@ def _tiny_search_config():
   c.search.proxy.update(epochs=1, train_examples=64, validation_examples=32, batch_size=32,
                         attack_steps=1)
   c.search.policy.hidden = 8
-  c.evaluation.update(eps=0.1, pgd_steps=2, cw_steps=2, max_examples=32, batch_size=32)
+  c.evaluation.update(eps=0.1, pgd_steps=2, cw_steps=2, max_examples=32, batch_size=32,
+                      attacks=("clean", "fgsm", "pgd", "cw"))
   return c
 
 

@@ -26,3 +26,25 @@ def test_report_files_and_table(tmp_path):
                                           "evaluations_to_best": 6}
   for name in ("rewards.png", "accuracy_vs_macs.png", "topology.png"):
     assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compile_table_sums_the_phases():
+  timings = {"teachers": 10.0, "meta-training": 20.5}
+  compiles = {"teachers": {"compiles": 3, "compile_seconds": 4.0, "trace_seconds": 0.5,
+                           "cache_hits": 1, "cache_misses": 2},
+              "meta-training": {"compiles": 7, "compile_seconds": 12.25, "trace_seconds": 1.0,
+                                "cache_hits": 0, "cache_misses": 7}}
+  lines = report.compile_table(timings, compiles).splitlines()
+  assert lines[2] == "| teachers | 10.0 | 3 | 4.0 | 0.5 | 1 |"
+  assert lines[-1] == "| total | 30.5 | 10 | 16.2 | 1.5 | 1 |"
+
+
+def test_report_lists_compiles_when_given(tmp_path):
+  task = Task("digits", ThreatModel("cw", 0.1, 10), "tiny-8", 1000)
+  rows = [_row("teacher (tiny-8)", 5000, 0.5)]
+  compiles = {"teachers": {"compiles": 2, "compile_seconds": 1.0, "trace_seconds": 0.25,
+                           "cache_hits": 2, "cache_misses": 0}}
+  result = report.write(str(tmp_path), config_lib.base_config(), task, rows, {},
+                        {"teachers": 3.0}, compiles)
+  assert result["compiles"] == compiles
+  assert "| teachers | 3.0 | 2 | 1.0 | 0.2 | 2 |" in (tmp_path / "report.md").read_text()

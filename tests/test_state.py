@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rcnas_jax import arch, models, state
+from rcnas_jax import arch, models, parallel, state
 from rcnas_jax.state import Task, ThreatModel
 
 SPEC = arch.NetworkSpec(stages=(arch.StageSpec(1, 8, 1), arch.StageSpec(1, 8, 2)))
@@ -76,3 +76,18 @@ def test_observation_shapes():
   task = Task("digits", ThreatModel("cw", 0.1, 10), "tiny-8", 100_000)
   observation = state.observe(task, {"lips": 0.5, "teacher_error": 0.1}, 10, (8, 8, 1))
   assert observation.stages.shape == (3, 4) and observation.task.shape == (6,)
+
+
+@pytest.mark.parametrize("batch", [16, 12])  # 12 does not split over 8 devices: replicated.
+def test_probe_on_eight_devices_matches_one(batch):
+  model = models.build(SPEC, 4)
+  variables = models.init(model, jax.random.key(0), (6, 6, 1))
+  images = np.asarray(jax.random.uniform(jax.random.key(1), (batch, 6, 6, 1)))
+  labels = np.arange(batch) % 4
+  settings = dict(threat=ThreatModel("pgd", 0.1, 3), model=model, num_iters=10)
+  one = state.probe_statistics_on_mesh(parallel.data_mesh(jax.devices()[:1]), variables, images,
+                                       labels, jax.random.key(2), **settings)
+  eight = state.probe_statistics_on_mesh(parallel.data_mesh(), variables, images, labels,
+                                         jax.random.key(2), **settings)
+  assert one["lips"] > 0
+  assert eight == pytest.approx(one, rel=1e-4, abs=1e-6)

@@ -1,0 +1,65 @@
+"""mode='evaluate': an exported student in, RobustBench-style JSON and Markdown out, resumable."""
+
+import json
+
+import jax
+import pytest
+
+from rcnas_jax import arch, config as config_lib, data, export, models, pipeline
+
+SPEC = arch.NetworkSpec(stages=(arch.StageSpec(1, 8, 1), arch.StageSpec(1, 16, 2)))
+
+
+def _config(checkpoint: str):
+  c = config_lib.base_config()
+  c.mode, c.checkpoint = "evaluate", checkpoint
+  c.dataset.name = "mnist5k"  # The student's own record (digits) wins.
+  c.evaluation.update(eps=8 / 255, attacks=("clean", "apgd-ce", "aa-lite"),
+                      apgd_steps=3, apgd_targets=2, square_queries=5, max_examples=24,
+                      batch_size=8, check_examples=16, loop="rolled")
+  return c
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+  info = data.load("digits").info
+  model = models.build(SPEC, info.num_classes, info.mean, info.std)
+  path = str(tmp_path_factory.mktemp("run") / "export")
+  export.export_student(path, SPEC, models.init(model, jax.random.key(0), info.image_shape),
+                        num_classes=info.num_classes, image_shape=info.image_shape,
+                        mean=info.mean, std=info.std, dataset="digits")
+  return path
+
+
+def test_report_fields_and_resume(student, tmp_path):
+  entry = pipeline.run(_config(student), str(tmp_path))
+  saved = json.loads((tmp_path / "robustness.json").read_text())
+  assert saved == json.loads(json.dumps(entry))
+  assert (entry["dataset"], entry["threat_model"], entry["eps"], entry["n_examples"]) == (
+      "digits", "Linf", "8/255", 24)
+  assert entry["params"] == arch.count_params(SPEC, 10, 1)
+  assert entry["macs"] == arch.count_macs(SPEC, 8, 10, 1)
+  assert list(entry["robust_acc"]) == ["apgd-ce", "aa-lite"]
+  assert entry["aa_lite_acc"] == entry["robust_acc"]["aa-lite"] <= entry["robust_acc"]["apgd-ce"]
+  assert entry["aa_lite_acc"] <= entry["clean_acc"]
+  assert list(entry["attacks"]["aa-lite"]["after"]) == ["apgd-ce", "apgd-t", "square"]
+  assert entry["unreliable_evaluation"] == bool(entry["warnings"])
+  text = (tmp_path / "robustness.md").read_text()
+  assert "| aa-lite |" in text and "APGD-T-3 (targeted DLR, 2 targets" in text
+  lines = (tmp_path / "evaluation.jsonl").read_text()
+  config = _config(student)
+  config.evaluation.check_examples = 0
+  again = pipeline.run(config, str(tmp_path))
+  assert (tmp_path / "evaluation.jsonl").read_text() == lines  # Nothing recomputed.
+  assert again["robust_acc"] == entry["robust_acc"] and again["warnings"] == []
+
+
+def test_wrong_dataset_shape_is_one_line(student, tmp_path):
+  c = _config(student)
+  with open(f"{student}/student.json") as f:
+    meta = json.load(f)
+  meta["dataset"] = ""
+  with open(f"{student}/student.json", "w") as f:
+    json.dump(meta, f)
+  with pytest.raises(config_lib.ConfigError, match="mnist5k images are"):
+    pipeline.run(c, str(tmp_path))
