@@ -270,7 +270,8 @@ def _validate_search(config) -> None:
     _at_least(config, field, 0)
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
+             num_processes: int = 1) -> None:
   """Raises ConfigError naming the first bad field; returns None when the config is valid."""
   _one_of(config, "mode", MODES)
   _validate_search(config)
@@ -317,17 +318,26 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if config.parallel.candidates and num_devices % config.parallel.candidates:
     _fail("parallel.candidates", config.parallel.candidates,
           f"0 (auto) or a divisor of the {num_devices} devices")
-  slice_size = num_devices // candidate_slices(config, num_devices)
+  if config.parallel.candidates > 1 and num_processes > 1:
+    _fail("parallel.candidates", config.parallel.candidates,
+          f"0 (auto) or 1 with {num_processes} processes: slices live within one process")
+  slice_size = num_devices // candidate_slices(config, num_devices, num_processes)
   for field in ("search.proxy.batch_size", "search.proxy.validation_examples"):
     if _get(config, field) % slice_size:
       _fail(field, _get(config, field), f"a multiple of the {slice_size} devices of a slice")
   _validate_distributed(config)
 
 
-def candidate_slices(config: ml_collections.ConfigDict, num_devices: int) -> int:
-  """How many students of one update are evaluated concurrently (config.parallel.candidates)."""
+def candidate_slices(config: ml_collections.ConfigDict, num_devices: int,
+                     num_processes: int = 1) -> int:
+  """How many students of one update are evaluated concurrently (config.parallel.candidates).
+
+  Auto: gcd(M, devices) in one process; 1 across processes, where every program spans all.
+  """
   if config.parallel.candidates:
     return config.parallel.candidates
+  if num_processes > 1:
+    return 1
   return math.gcd(config.search.students_per_update, num_devices)
 
 

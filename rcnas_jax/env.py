@@ -65,7 +65,7 @@ class EvaluationCache:
     """Stores `record` under `key`, durably before returning."""
     record = {"key": key, **record}
     self.entries[key] = record
-    if self.path:
+    if self.path and parallel.is_primary():
       os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
       with open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -284,12 +284,11 @@ def observe(env: Environment, task: Task) -> Observation:
   probe = subset(dataset.validation, s.probe_size)
 
   def compute() -> dict:
-    stats = state_lib.probe_statistics(
-        env.teachers[(task.dataset, task.teacher)], probe.images.astype(np.float32) / 255,
-        probe.labels, jax.random.key(env.config.seed), threat=task.attack, model=model,
-        num_iters=s.lipschitz_iterations,
+    return state_lib.probe_statistics_on_mesh(
+        env.mesh, env.teachers[(task.dataset, task.teacher)],
+        probe.images.astype(np.float32) / 255, probe.labels, jax.random.key(env.config.seed),
+        threat=task.attack, model=model, num_iters=s.lipschitz_iterations,
         unroll=training.unroll_attack_loops(env.config.attack.loop))
-    return {k: float(v) for k, v in stats.items()}
 
   return state_lib.observe(task, env.probes.get(task, compute), info.num_classes, info.image_shape)
 

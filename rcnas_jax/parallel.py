@@ -49,15 +49,17 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 def mesh_from_config(config: ml_collections.ConfigDict) -> Mesh:
   """The mesh of config.parallel over every device of every process."""
-  return make_mesh(config_lib.candidate_slices(config, jax.device_count()))
+  return make_mesh(config_lib.candidate_slices(config, jax.device_count(), jax.process_count()))
+
+
+def slices(mesh: Mesh) -> list[Mesh]:
+  """The rows of a (candidate, data) mesh, each a (1, data) mesh that trains its own student."""
+  return [Mesh(row[None], AXES) for row in mesh.devices]
 
 
 def candidate_meshes(num_slices: int, devices: Sequence[jax.Device] | None = None) -> list[Mesh]:
-  """`num_slices` disjoint (1, data) meshes over equal shares of the devices: the candidate axis.
-
-  They are the rows of `make_mesh(num_slices, devices)`, so each trains a different student.
-  """
-  return [Mesh(row[None], AXES) for row in make_mesh(num_slices, devices).devices]
+  """`num_slices` disjoint (1, data) meshes over equal shares of the devices: the candidate axis."""
+  return slices(make_mesh(num_slices, devices))
 
 
 def num_batch_devices(mesh: Mesh) -> int:

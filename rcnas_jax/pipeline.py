@@ -277,10 +277,10 @@ def environment(config: ml_collections.ConfigDict, workdir: str,
   target = search.target_task(config, info.image_shape[0], info.num_classes, info.image_shape[-1])
   pairs = {(d, t) for d in s.datasets for t in s.teachers} | {(target.dataset, target.teacher)}
   teachers = timer.run("teachers", lambda: train_teachers(config, datasets, pairs, workdir, mesh))
-  slices = parallel.candidate_meshes(config_lib.candidate_slices(config, len(jax.devices())))
   env = env_lib.Environment(config, datasets, teachers, mesh,
                             env_lib.EvaluationCache(os.path.join(workdir, "evaluations.jsonl")),
-                            ProbeCache(os.path.join(workdir, "probes.json")), slices)
+                            ProbeCache(os.path.join(workdir, "probes.json")),
+                            parallel.slices(mesh))
   return env, target
 
 
@@ -329,7 +329,7 @@ def rc_nas(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str):
   """Validates the config, then runs the job that `config.mode` names."""
-  config_lib.validate(config, num_devices=len(jax.devices()))
+  config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   os.makedirs(workdir, exist_ok=True)
   enable_compilation_cache(config.compilation_cache_dir or os.path.join(workdir, "jax_cache"))
   if parallel.is_primary():

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rcnas_jax import arch, checkpoint, env as env_lib, metrics, policy
+from rcnas_jax import arch, checkpoint, env as env_lib, metrics, parallel, policy
 from rcnas_jax.state import Task, ThreatModel
 
 PHASES = ("meta", "finetune", "rnas", "random")
@@ -199,9 +199,10 @@ def run_phase(name: str, env: env_lib.Environment, task_for: Callable[[int], Tas
       state = {**state, "iteration": jnp.int32(iteration + 1)}
     new = [{"phase": name, "iteration": iteration, "student": i, "task": task.key(), **r}
            for i, r in enumerate(results)]
-    with open(log_path, "a") as f:
-      for record in new:
-        f.write(json.dumps(record) + "\n")
+    if parallel.is_primary():
+      with open(log_path, "a") as f:
+        for record in new:
+          f.write(json.dumps(record) + "\n")
     episodes += new
     writer.write(iteration + 1, {"mean_reward": float(rewards.mean()),
                                  "best_reward": max(e["reward"] for e in episodes),

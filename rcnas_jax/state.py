@@ -131,6 +131,8 @@ class ProbeCache:
     """The cached statistics of `task`, computing and saving them on a miss."""
     if task.key() not in self.entries:
       self.entries[task.key()] = compute()
+      if not parallel.is_primary():
+        return self.entries[task.key()]
       tmp = self.path + ".tmp"
       with open(tmp, "w") as f:
         json.dump(self.entries, f, indent=1)
