@@ -285,6 +285,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   _one_of(config, "training.schedule", SCHEDULES)
   _one_of(config, "evaluation.norm", ("linf", "l2"))
   for field in ("evaluation.attacks", "evaluation.suite"):
+    if config.evaluation.norm == "l2" and {"square", "aa-lite"} & set(_get(config, field)):
+      _fail(field, tuple(_get(config, field)), "no square or aa-lite with evaluation.norm='l2' "
+            "(our Square attack is L-inf only)")
+  for field in ("evaluation.attacks", "evaluation.suite"):
     if any(name not in EVALUATION_ATTACKS for name in _get(config, field)):
       _fail(field, tuple(_get(config, field)), "a tuple of " + ", ".join(EVALUATION_ATTACKS))
   for field in ("attack.eps", "attack.step_size", "evaluation.eps", "training.weight_decay",
@@ -322,9 +326,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
     _fail("parallel.candidates", config.parallel.candidates,
           f"0 (auto) or 1 with {num_processes} processes: slices live within one process")
   slice_size = num_devices // candidate_slices(config, num_devices, num_processes)
-  for field in ("search.proxy.batch_size", "search.proxy.validation_examples"):
-    if _get(config, field) % slice_size:
-      _fail(field, _get(config, field), f"a multiple of the {slice_size} devices of a slice")
+  if config.mode == "search" and config.search.proxy.batch_size % slice_size:
+    _fail("search.proxy.batch_size", config.search.proxy.batch_size,
+          f"a multiple of the {slice_size} devices of a slice")
   _validate_distributed(config)
 
 

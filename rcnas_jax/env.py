@@ -162,29 +162,10 @@ def _proxy_optimizer(learning_rate: float, momentum: float, weight_decay: float,
   return training.optimizer(t, steps)
 
 
-@dataclasses.dataclass
-class PendingEvaluation:
-  """A proxy evaluation dispatched to a mesh slice; its device values are not read yet."""
+def proxy_episode(env: Environment, task: Task, spec: arch.NetworkSpec, mesh: Mesh) -> dict:
+  """Proxy training and validation attack of `spec` on `mesh` (SPEC §5.3-5.4): the cache record.
 
-  accuracy: jax.Array
-  loss: jax.Array
-  n_examples: int
-  attack: str
-  started: float
-
-  def result(self) -> dict:
-    """Waits for the devices and returns the cache record."""
-    return {"robust_accuracy": float(self.accuracy), "n_examples": self.n_examples,
-            "attack": self.attack, "final_loss": float(self.loss),
-            "seconds": time.perf_counter() - self.started}
-
-
-def start_proxy_episode(env: Environment, task: Task, spec: arch.NetworkSpec,
-                        mesh: Mesh) -> PendingEvaluation:
-  """Dispatches the proxy training and validation attack of `spec` on `mesh` (SPEC §5.3-5.4).
-
-  Nothing here waits for the devices: the next student compiles while this one trains. Each
-  step is its own jitted call; a `lax.scan` over the steps would be one compile fewer, but
+  Each step is its own jitted call; a `lax.scan` over the steps would be one compile fewer, but
   XLA:CPU runs convolution gradients inside loops with a slow naive emitter (~35x slower here).
   """
   started = time.perf_counter()
@@ -213,12 +194,14 @@ def start_proxy_episode(env: Environment, task: Task, spec: arch.NetworkSpec,
         mesh, *data.batch_at(train_split, t.batch_size, seed=config.seed, step=step))
     state, step_metrics = _proxy_step(state, images, labels, train_key, teacher_variables,
                                       model=model, tx=tx, settings=settings, teacher=teacher)
-  images, labels = parallel.shard_batch(mesh, validation.images, validation.labels)
+  images, labels = parallel.shard_or_replicate(mesh, validation.images, validation.labels)
+  float32 = models.build(spec, info.num_classes, info.mean, info.std)  # Attacks in full precision.
   accuracy = _robust_accuracy(
-      training.eval_variables(state, False), images, labels, attack_key, model=model,
+      training.eval_variables(state, False), images, labels, attack_key, model=float32,
       threat=task.attack, unroll=training.unroll_attack_loops(config.evaluation.loop))
-  return PendingEvaluation(accuracy, step_metrics["loss"], len(validation),
-                           threat_settings(task).describe(), started)
+  return {"robust_accuracy": float(accuracy), "n_examples": len(validation),
+          "attack": threat_settings(task).describe(), "final_loss": float(step_metrics["loss"]),
+          "seconds": time.perf_counter() - started}
 
 
 def _prepare(env: Environment, task: Task, actions) -> dict:
@@ -239,7 +222,7 @@ def _prepare(env: Environment, task: Task, actions) -> dict:
 
 
 def episodes(env: Environment, task: Task, actions: list) -> list[dict]:
-  """Evaluates several actions on one task, the uncached students concurrently, one per slice.
+  """Evaluates several actions on one task, the uncached students concurrently over the slices.
 
   Each result is {reward, robust_accuracy, macs, params, spec, valid, reason, cached, ...};
   invalid students score -1 and are never trained. A student asked for twice trains once.
@@ -248,13 +231,12 @@ def episodes(env: Environment, task: Task, actions: list) -> list[dict]:
   new = list(dict.fromkeys(p["key"] for p in prepared
                            if p["spec"] is not None and env.cache.get(p["key"]) is None))
   specs = {p["key"]: p["spec"] for p in prepared if p["spec"] is not None}
-  pending = {}
-  for i, key in enumerate(new):
-    pending[key] = start_proxy_episode(env, task, specs[key],
-                                       env.slices[i % len(env.slices)])
-  for key, evaluation in pending.items():
-    env.cache.put(key, evaluation.result())
-  return [_result(env, task, p, fresh=p.get("key") in pending) for p in prepared]
+  records = parallel.on_slices(env.slices, [
+      lambda mesh, key=key: proxy_episode(env, task, specs[key], mesh)
+      for key in new])
+  for key, record in zip(new, records):  # In order, so the cache file is deterministic.
+    env.cache.put(key, record)
+  return [_result(env, task, p, fresh=p.get("key") in new) for p in prepared]
 
 
 def _result(env: Environment, task: Task, prepared: dict, fresh: bool) -> dict:

@@ -135,10 +135,14 @@ class Progress:
     self.done = {}
     if path and os.path.exists(path):
       with open(path) as f:
-        for line in f:
-          if line.endswith("\n"):  # A line cut by a kill is dropped and recomputed.
-            record = json.loads(line)
-            self.done[(record["tag"], record["batch"])] = record
+        lines = f.readlines()
+      complete = [line for line in lines if line.endswith("\n")]
+      if len(complete) < len(lines) and parallel.is_primary():
+        with open(path, "w") as f:  # A line cut by a kill is dropped and recomputed.
+          f.writelines(complete)
+      for line in complete:
+        record = json.loads(line)
+        self.done[(record["tag"], record["batch"])] = record
 
   def get(self, tag: str, batch: int) -> dict | None:
     return self.done.get((tag, batch))
@@ -147,7 +151,7 @@ class Progress:
     record = {"tag": tag, "batch": batch, "correct": "".join("01"[int(c)] for c in correct),
               "seconds": round(seconds, 3)}
     self.done[(tag, batch)] = record
-    if self.path:
+    if self.path and parallel.is_primary():
       os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
       with open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -174,8 +178,8 @@ def correct_flags(model: nn.Module, variables: dict, split: data.Split, attack: 
     if record is None:
       started = time.perf_counter()
       images, labels = parallel.shard_batch(mesh, images, labels)
-      correct = np.asarray(_correct(variables, images, labels, jax.random.fold_in(key, i),
-                                    model=model, attack=attack, unroll=unroll))[mask]
+      correct = parallel.gather(_correct(variables, images, labels, jax.random.fold_in(key, i),
+                                         model=model, attack=attack, unroll=unroll))[mask]
       progress.put(tag, i, correct, time.perf_counter() - started)
       record = progress.get(tag, i)
     flags.append(np.array([c == "1" for c in record["correct"]], bool))

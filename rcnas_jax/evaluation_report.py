@@ -7,11 +7,13 @@ Runs config.evaluation.suite (clean, FGSM, PGD, CW, APGD-CE, APGD-T, Square, AA-
 split in eval mode, then the gradient-masking checks, and writes `robustness.json`
 (architecture, params, MACs, dataset, threat model, eps, clean and per-attack robust accuracy,
 aa_lite_acc, n_examples, warnings) and `robustness.md`. Per-(attack, batch) results go to
-`evaluation.jsonl` as they finish: run the same command again after a kill to continue.
+`evaluation-<weights and seed hash>.jsonl` as they finish: run the same command again after a
+kill to continue.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -34,6 +36,14 @@ def _eps_label(eps: float, norm: str) -> str:
   if norm == "linf" and abs(eps * 255 - round(eps * 255)) < 1e-6:
     return f"{round(eps * 255)}/255"
   return f"{eps:g}"
+
+
+def _fingerprint(student: export.Student, seed: int) -> str:
+  """Names the progress file after the weights and the seed, so no run reuses another's."""
+  digest = hashlib.sha1(str(seed).encode())
+  for leaf in jax.tree.leaves(student.variables):
+    digest.update(np.asarray(leaf).tobytes())
+  return digest.hexdigest()[:12]
 
 
 def robustbench_entry(student: export.Student, dataset: str, results: dict[str, dict],
@@ -105,7 +115,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       parallel.data_mesh(), batch_size=e.batch_size,
       unroll=training.unroll_attack_loops(e.loop),
       aa_lite_attacks=evaluate.aa_lite_from_config(e, names),
-      progress_path=os.path.join(workdir, "evaluation.jsonl"))
+      progress_path=os.path.join(workdir, f"evaluation-{_fingerprint(student, config.seed)}.jsonl"))
   warnings = []
   if e.check_examples:
     probe = data.sample(split, e.check_examples)

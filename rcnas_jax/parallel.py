@@ -13,11 +13,14 @@ same whatever the number of processes.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import os
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -110,6 +113,13 @@ def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
   return shard_local_batch(mesh, len(arrays[0]), *(np.asarray(a)[rows] for a in arrays))
 
 
+def shard_or_replicate(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+  """Host arrays split over the mesh when their length divides over it, else replicated."""
+  if len(arrays[0]) % num_batch_devices(mesh) == 0:
+    return shard_batch(mesh, *arrays)
+  return replicate(mesh, tuple(np.asarray(a) for a in arrays))
+
+
 def replicate(mesh: Mesh, tree):
   """A pytree placed whole on every device of the mesh."""
   sharding = replicated(mesh)
@@ -132,6 +142,13 @@ def _host_value(x):
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return np.asarray(x.addressable_data(0))
   return np.asarray(jax.device_get(x))
+
+
+def gather(x: jax.Array) -> np.ndarray:
+  """A batch-sharded array whole, as numpy, on every process."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def to_host(tree):
@@ -184,3 +201,30 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict,
 def is_primary() -> bool:
   """Whether this process writes files shared by all (logs, reports): process 0."""
   return jax.process_index() == 0
+
+
+def on_slices(meshes: list[Mesh], jobs: list[Callable[[Mesh], object]]) -> list:
+  """Runs `job(mesh)` for every job, one job at a time per mesh, the meshes concurrently.
+
+  Returns the jobs' values in order. One thread per mesh: XLA compiles and runs without the
+  GIL, so one student compiles while another's steps run (on CPU, where a search is compile-
+  bound, the compiles themselves overlap too).
+  """
+  queue = collections.deque(enumerate(jobs))
+  values = [None] * len(jobs)
+
+  def worker(mesh: Mesh) -> None:
+    while True:
+      try:
+        index, job = queue.popleft()
+      except IndexError:
+        return
+      values[index] = job(mesh)
+
+  if len(meshes) == 1:
+    worker(meshes[0])
+    return values
+  with concurrent.futures.ThreadPoolExecutor(len(meshes)) as pool:
+    for future in [pool.submit(worker, mesh) for mesh in meshes]:
+      future.result()
+  return values

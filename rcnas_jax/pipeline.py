@@ -9,8 +9,6 @@ mode='evaluate': the evaluation suite on an exported student (`evaluation_report
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import functools
 import json
 import os
@@ -186,26 +184,6 @@ def _train_final(env, task: Task, spec: arch.NetworkSpec, workdir: str, mesh,
   return done
 
 
-def on_slices(slices: list, jobs: list) -> None:
-  """Runs `job(mesh)` for every job, one at a time per mesh slice, the slices concurrently.
-
-  Dispatch is asynchronous, so one thread compiles while another's steps run.
-  """
-  queue = collections.deque(jobs)
-
-  def worker(mesh):
-    while True:
-      try:
-        job = queue.popleft()
-      except IndexError:
-        return
-      job(mesh)
-
-  with concurrent.futures.ThreadPoolExecutor(len(slices)) as pool:
-    for future in [pool.submit(worker, mesh) for mesh in slices]:
-      future.result()
-
-
 def final_rows(env, task: Task, candidates: dict[str, arch.NetworkSpec],
                workdir: str) -> list[dict]:
   """The teacher's row, then every method's student trained in full and evaluated.
@@ -215,16 +193,18 @@ def final_rows(env, task: Task, candidates: dict[str, arch.NetworkSpec],
   """
   distinct = list(dict.fromkeys(candidates.values()))
   progress = len(env.slices) == 1
-  rows = []
-  on_slices(env.slices, [lambda mesh: rows.append(_teacher_row(env, task, workdir, mesh))] + [
+  teacher, *students = parallel.on_slices(env.slices, [
+      functools.partial(_teacher_row, env, task, workdir)] + [
       functools.partial(_train_final, env, task, spec, workdir, progress=progress)
       for spec in distinct])
-  for method, spec in candidates.items():
-    directory = os.path.join(workdir, "final", _spec_name(spec))
-    if method == "RC-NAS" and not os.path.exists(os.path.join(workdir, "export")):
-      shutil.copytree(os.path.join(directory, "export"), os.path.join(workdir, "export"))
-    rows.append({"method": method, **_read_json(os.path.join(directory, "results.json"))})
-  return rows
+  done = dict(zip(distinct, students))
+  export_dir = os.path.join(workdir, "export")
+  if "RC-NAS" in candidates and parallel.is_primary() and not os.path.exists(export_dir):
+    source = os.path.join(workdir, "final", _spec_name(candidates["RC-NAS"]), "export")
+    shutil.rmtree(export_dir + ".tmp", ignore_errors=True)  # Left by a kill mid-copy.
+    shutil.copytree(source, export_dir + ".tmp")
+    os.replace(export_dir + ".tmp", export_dir)
+  return [teacher] + [{"method": method, **done[spec]} for method, spec in candidates.items()]
 
 
 def _teacher_row(env, task: Task, workdir: str, mesh) -> dict:

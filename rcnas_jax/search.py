@@ -176,7 +176,7 @@ def run_phase(name: str, env: env_lib.Environment, task_for: Callable[[int], Tas
   start = int(state["iteration"])
   log_path = os.path.join(directory, "episodes.jsonl")
   episodes = _keep_before(log_path, start)
-  writer = metrics.MetricsWriter(directory)
+  writer = metrics.MetricsWriter(directory) if parallel.is_primary() else None
   bar = metrics.progress(total=num_updates, initial=start, desc=name, disable=not progress)
   for iteration in range(start, num_updates):
     task = task_for(iteration)
@@ -199,14 +199,14 @@ def run_phase(name: str, env: env_lib.Environment, task_for: Callable[[int], Tas
       state = {**state, "iteration": jnp.int32(iteration + 1)}
     new = [{"phase": name, "iteration": iteration, "student": i, "task": task.key(), **r}
            for i, r in enumerate(results)]
-    if parallel.is_primary():
+    episodes += new
+    if writer:  # Process 0 writes the logs.
       with open(log_path, "a") as f:
         for record in new:
           f.write(json.dumps(record) + "\n")
-    episodes += new
-    writer.write(iteration + 1, {"mean_reward": float(rewards.mean()),
-                                 "best_reward": max(e["reward"] for e in episodes),
-                                 **{k: float(v) for k, v in info.items()}})
+      writer.write(iteration + 1, {"mean_reward": float(rewards.mean()),
+                                   "best_reward": max(e["reward"] for e in episodes),
+                                   **{k: float(v) for k, v in info.items()}})
     checkpoint.save(manager, iteration + 1, state)
     manager.wait_until_finished()
     bar.set_postfix(mean_reward=f"{float(rewards.mean()):.3f}",
@@ -215,7 +215,8 @@ def run_phase(name: str, env: env_lib.Environment, task_for: Callable[[int], Tas
     bar.update(1)
   bar.close()
   manager.close()
-  writer.close()
+  if writer:
+    writer.close()
   return state, episodes
 
 
@@ -225,9 +226,11 @@ def _keep_before(log_path: str, iteration: int) -> list[dict]:
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     return []
   kept = [e for e in metrics.read(log_path) if e["iteration"] < iteration]
-  with open(log_path, "w") as f:
-    for record in kept:
-      f.write(json.dumps(record) + "\n")
+  if parallel.is_primary():  # Atomically: other processes may be reading the same file.
+    with open(log_path + ".tmp", "w") as f:
+      for record in kept:
+        f.write(json.dumps(record) + "\n")
+    os.replace(log_path + ".tmp", log_path)
   return kept
 
 

@@ -87,10 +87,7 @@ def probe_statistics_on_mesh(mesh: Mesh, variables: dict, images, labels, key, *
   a probe that does not divide over the devices is replicated instead.
   """
   variables = parallel.replicate(mesh, variables)
-  if len(labels) % parallel.num_batch_devices(mesh) == 0:
-    images, labels = parallel.shard_batch(mesh, images, labels)
-  else:
-    images, labels = parallel.replicate(mesh, (np.asarray(images), np.asarray(labels)))
+  images, labels = parallel.shard_or_replicate(mesh, images, labels)
   stats = probe_statistics(variables, images, labels, key, **settings)
   return {k: float(v) for k, v in stats.items()}
 

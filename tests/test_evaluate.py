@@ -142,7 +142,8 @@ def test_aa_lite_is_the_worst_case_on_still_robust_points_and_resumes(trained, t
   resumed = run()
   assert {k: r["accuracy"] for k, r in resumed.items()} == {
       k: r["accuracy"] for k, r in results.items()}
-  assert len([ln for ln in progress.read_text().splitlines() if ln.endswith("}")]) == len(records)
+  assert [json.loads(line) for line in progress.read_text().splitlines()]  # Every line whole,
+  assert len(progress.read_text().splitlines()) == len(records)  # so a second resume reads it.
 
 
 def test_progress_keys_on_the_settings(tmp_path):

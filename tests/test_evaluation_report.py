@@ -46,12 +46,16 @@ def test_report_fields_and_resume(student, tmp_path):
   assert entry["unreliable_evaluation"] == bool(entry["warnings"])
   text = (tmp_path / "robustness.md").read_text()
   assert "| aa-lite |" in text and "APGD-T-3 (targeted DLR, 2 targets" in text
-  lines = (tmp_path / "evaluation.jsonl").read_text()
+  [progress] = tmp_path.glob("evaluation-*.jsonl")  # Named after the weights and the seed.
+  lines = progress.read_text()
   config = _config(student)
   config.evaluation.check_examples = 0
   again = pipeline.run(config, str(tmp_path))
-  assert (tmp_path / "evaluation.jsonl").read_text() == lines  # Nothing recomputed.
+  assert progress.read_text() == lines  # Nothing recomputed.
   assert again["robust_acc"] == entry["robust_acc"] and again["warnings"] == []
+  config.seed += 1  # Another seed (or other weights) never reuses these results.
+  pipeline.run(config, str(tmp_path))
+  assert len(list(tmp_path.glob("evaluation-*.jsonl"))) == 2
 
 
 def test_wrong_dataset_shape_is_one_line(student, tmp_path):
