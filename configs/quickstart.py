@@ -39,8 +39,11 @@ def get_config():
   c.search.proxy.update(epochs=2, train_examples=512, validation_examples=144, batch_size=64,
                         method="pgd_at", attack_steps=1)
   c.search.policy.hidden = 32
+  # Rolled evaluation loops: each student's evaluation is compiled once and run on a few hundred
+  # 8x8 digits, so compile time decides. Measured on a final student: 9.0 s rolled against
+  # 29.5 s unrolled for clean / FGSM / PGD-20 / CW-40 on the 359 test digits, same accuracies.
   c.evaluation.update(eps=0.1, pgd_step_size=0.01, cw_step_size=0.01, batch_size=128,
-                      attacks=("clean", "fgsm", "pgd", "cw"))
+                      loop="rolled", attacks=("clean", "fgsm", "pgd", "cw"))
   # For --config.mode=evaluate: the whole suite with AA-lite, at a CPU-sized cost.
   c.evaluation.update(suite=("clean", "fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "square",
                              "aa-lite"), apgd_steps=20, apgd_targets=3, square_queries=300)
