@@ -5,9 +5,9 @@ import json
 
 import jax
 import numpy as np
-import optax
 import pytest
 
+import helpers
 from rcnas_jax import arch, config as config_lib, data, evaluate, models, parallel
 
 SPEC = arch.NetworkSpec(stages=(arch.StageSpec(1, 8, 1), arch.StageSpec(1, 16, 2)))
@@ -67,27 +67,7 @@ def test_paper_settings_are_the_default():
 def trained(setup):
   """The setup's network after 60 Adam steps on the digits (~90% test accuracy)."""
   model, variables, split = setup
-  train = data.load("digits").train
-  tx = optax.adam(0.01)
-
-  @jax.jit
-  def step(params, batch_stats, opt_state, images, labels):
-    def loss(p):
-      logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, images,
-                                    train=True, mutable=["batch_stats"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
-    (_, updates), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    changes, opt_state = tx.update(grads, opt_state)
-    return optax.apply_updates(params, changes), updates["batch_stats"], opt_state
-
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  opt_state = tx.init(params)
-  for i in range(60):
-    index = np.random.default_rng(i).choice(len(train), 128, replace=False)
-    params, batch_stats, opt_state = step(params, batch_stats, opt_state,
-                                          train.images[index].astype(np.float32) / 255,
-                                          train.labels[index])
-  return model, {"params": params, "batch_stats": batch_stats}, split
+  return model, helpers.fit(model, variables, data.load("digits").train, 60), split
 
 
 def _suite_config():

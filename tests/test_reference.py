@@ -10,9 +10,9 @@ import time
 
 import jax
 import numpy as np
-import optax
 import pytest
 
+import helpers
 from rcnas_jax import arch, attacks, data, models, torch_export
 
 torch = pytest.importorskip("torch")
@@ -28,26 +28,7 @@ def train_digits_network(steps: int = 80):
   digits = data.load("digits")
   model = models.build(SPEC, 10, digits.info.mean, digits.info.std)
   variables = models.init(model, jax.random.key(0), digits.info.image_shape)
-  tx = optax.adam(0.01)
-
-  @jax.jit
-  def step(params, batch_stats, opt_state, images, labels):
-    def loss(p):
-      logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, images,
-                                    train=True, mutable=["batch_stats"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
-    (_, updates), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    changes, opt_state = tx.update(grads, opt_state)
-    return optax.apply_updates(params, changes), updates["batch_stats"], opt_state
-
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  opt_state = tx.init(params)
-  for i in range(steps):
-    index = np.random.default_rng(i).choice(len(digits.train), 128, replace=False)
-    params, batch_stats, opt_state = step(params, batch_stats, opt_state,
-                                          digits.train.images[index].astype(np.float32) / 255,
-                                          digits.train.labels[index])
-  return model, {"params": params, "batch_stats": batch_stats}, digits
+  return model, helpers.fit(model, variables, digits.train, steps), digits
 
 
 @pytest.fixture(scope="module")
