@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.checkpoint_dir = ""  # Holds <dataset>-<teacher>/ exports to load ('' = train).
 
   # The RC-NAS search (SPEC §2-6). A task is (dataset, attack, teacher, budget); attacks are
-  # 'clean', 'fgsm', 'pgd-<steps>' or 'cw-<steps>' at config.attack.eps.
+  # 'clean', 'fgsm', 'pgd-<steps>', 'cw-<steps>' or 'apgd-<steps>' (APGD-CE) at config.attack.eps.
   c.search = ml_collections.ConfigDict()
   c.search.datasets = ("digits", "mnist5k")  # Meta-training buffer of datasets.
   c.search.attacks = ("fgsm", "pgd-5")  # Meta-training buffer of attacks.
@@ -224,11 +224,11 @@ def _get(config, field: str):
 
 
 def _attack_names(value) -> bool:
-  """Whether every entry is 'clean', 'fgsm', 'pgd-<steps>' or 'cw-<steps>'."""
+  """Whether every entry is 'clean', 'fgsm', 'pgd-<steps>', 'cw-<steps>' or 'apgd-<steps>'."""
   def ok(name):
     kind, _, steps = name.partition("-")
-    return (kind in ("clean", "fgsm") and not steps) or (kind in ("pgd", "cw") and steps.isdigit()
-                                                          and int(steps) > 0)
+    return (kind in ("clean", "fgsm") and not steps) or (
+        kind in ("pgd", "cw", "apgd") and steps.isdigit() and int(steps) > 0)
   return all(isinstance(n, str) and ok(n) for n in value)
 
 
@@ -241,9 +241,10 @@ def _validate_search(config) -> None:
       _fail(f"search.{field}", tuple(names), "a non-empty tuple of " + ", ".join(allowed))
   if not s.attacks or not _attack_names(s.attacks):
     _fail("search.attacks", tuple(s.attacks),
-          "a non-empty tuple of clean, fgsm, pgd-<steps>, cw-<steps>")
+          "a non-empty tuple of clean, fgsm, pgd-<steps>, cw-<steps>, apgd-<steps>")
   if not _attack_names((s.target.attack,)):
-    _fail("search.target.attack", s.target.attack, "clean, fgsm, pgd-<steps> or cw-<steps>")
+    _fail("search.target.attack", s.target.attack,
+          "clean, fgsm, pgd-<steps>, cw-<steps> or apgd-<steps>")
   _one_of(config, "search.target.dataset", data.DATASETS)
   _one_of(config, "search.target.teacher", tuple(arch.TEACHERS))
   _one_of(config, "search.policy.algorithm", ("vpg", "ppo"))

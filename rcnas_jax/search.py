@@ -30,11 +30,13 @@ PHASES = ("meta", "finetune", "rnas", "random")
 
 
 def parse_attack(name: str, eps: float, norm: str = "linf") -> ThreatModel:
-  """'clean', 'fgsm', 'pgd-<steps>' or 'cw-<steps>' as a ThreatModel."""
+  """'clean', 'fgsm', 'pgd-<steps>', 'cw-<steps>' or 'apgd-<steps>' (APGD-CE) as a ThreatModel."""
   kind, _, steps = name.partition("-")
-  if kind not in ("clean", "fgsm", "pgd", "cw") or (kind in ("pgd", "cw")) != steps.isdigit():
-    raise ValueError(f"attack {name!r}: expected clean, fgsm, pgd-<steps> or cw-<steps>")
-  return ThreatModel(kind, eps, int(steps) if steps else 1, norm)
+  stepped = ("pgd", "cw", "apgd")
+  if kind not in ("clean", "fgsm") + stepped or (kind in stepped) != steps.isdigit():
+    raise ValueError(f"attack {name!r}: expected clean, fgsm, pgd-<steps>, cw-<steps> or "
+                     "apgd-<steps>")
+  return ThreatModel("apgd-ce" if kind == "apgd" else kind, eps, int(steps) if steps else 1, norm)
 
 
 def target_task(config: ml_collections.ConfigDict, image_size: int, num_classes: int,

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from rcnas_jax import arch, attacks, lipschitz, models, parallel
 from rcnas_jax.policy import Observation
 
-TASK_ATTACKS = ("clean", "fgsm", "pgd", "cw")
+TASK_ATTACKS = ("clean", "fgsm", "pgd", "cw", "apgd-ce")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ INFOS = {"digits": data.DatasetInfo("digits", 10, (8, 8, 1), (0.3,), (0.4,)),
 def test_parse_attack():
   assert search.parse_attack("pgd-7", 0.1) == ThreatModel("pgd", 0.1, 7)
   assert search.parse_attack("fgsm", 0.1).num_steps == 1
+  assert search.parse_attack("apgd-20", 0.1) == ThreatModel("apgd-ce", 0.1, 20)
   with pytest.raises(ValueError, match="pgd-<steps>"):
     search.parse_attack("pgd", 0.1)
 

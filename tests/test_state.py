@@ -46,7 +46,8 @@ def test_clean_lips_is_the_mean_exact_jacobian_norm_and_error_is_exact():
   assert float(stats["teacher_error"]) == pytest.approx(error)
 
 
-def test_an_attack_raises_the_teacher_error():
+@pytest.mark.parametrize("threat", [ThreatModel("pgd", 0.3, 10), ThreatModel("apgd-ce", 0.3, 10)])
+def test_an_attack_raises_the_teacher_error(threat):
   model = models.build(SPEC, 4)
   variables = models.init(model, jax.random.key(0), (6, 6, 1))
   noise = lambda path, v: v if "var" in jax.tree_util.keystr(path) else v + 0.5 * jax.random.normal(
@@ -56,7 +57,7 @@ def test_an_attack_raises_the_teacher_error():
   labels = jnp.argmax(model.apply(variables, images), -1)  # Clean error 0.
   assert len(np.unique(labels)) > 1
   stats = state.probe_statistics(variables, images, labels, jax.random.key(2),
-                                 threat=ThreatModel("pgd", 0.3, 10), model=model)
+                                 threat=threat, model=model)
   assert float(stats["teacher_error"]) > 0.3
 
 
