@@ -69,7 +69,8 @@ def plot_rewards(phases: dict[str, list[dict]], path: str) -> None:
     rewards = [[e["reward"] for e in episodes if e["iteration"] == i] for i in iterations]
     ax.plot(iterations, [np.mean(r) for r in rewards], marker="o", label=PHASE_LABELS[phase])
   ax.set(xlabel="update", ylabel="mean reward of the M students", title="Reward per update")
-  ax.legend()
+  if phases:
+    ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
