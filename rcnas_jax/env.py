@@ -43,6 +43,9 @@ class Environment:
   def __post_init__(self):
     if self.slices is None:
       self.slices = [self.mesh]
+    # Teachers live on the host: each slice's thread copies them to its own devices, and
+    # concurrent copies of one device array to different meshes race inside jax.device_put.
+    self.teachers = {pair: parallel.to_host(v) for pair, v in self.teachers.items()}
 
 
 class EvaluationCache:
@@ -204,6 +207,18 @@ def proxy_episode(env: Environment, task: Task, spec: arch.NetworkSpec, mesh: Me
           "seconds": time.perf_counter() - started}
 
 
+def release_proxy_programs() -> None:
+  """Frees the compiled proxy programs of finished students.
+
+  A repeated student is served by the evaluation cache, so these programs are rarely reused,
+  and each one holds executable memory maps: on Linux a long search would otherwise reach
+  vm.max_map_count (65,530 here), where LLVM fails with "Cannot allocate memory" and the
+  process dies.
+  """
+  for program in (_proxy_start, _proxy_step, _robust_accuracy):
+    program.clear_cache()
+
+
 def _prepare(env: Environment, task: Task, actions) -> dict:
   """The student an action asks for, with its size and cache key, or why it is invalid."""
   search = env.config.search
@@ -236,6 +251,7 @@ def episodes(env: Environment, task: Task, actions: list) -> list[dict]:
       for key in new])
   for key, record in zip(new, records):  # In order, so the cache file is deterministic.
     env.cache.put(key, record)
+  release_proxy_programs()
   return [_result(env, task, p, fresh=p.get("key") in new) for p in prepared]
 
 
