@@ -2,7 +2,7 @@
 
 An attack is a composition: a per-example loss (`LOSSES`), a random start, a steepest-ascent
 step for the norm, and a projection onto the eps-ball intersected with [0, 1]. Everything is
-pure and jittable; `unroll=True` writes the step loop out (2-4x faster on XLA:CPU), `False`
+pure and jittable; `unroll=True` writes the step loop out (faster on XLA:CPU), `False`
 uses `lax.fori_loop` (compiles faster, the better choice on GPU/TPU). Restarts run under
 `vmap` and are combined point-wise: each example keeps its worst case.
 

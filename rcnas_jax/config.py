@@ -119,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack.step_size = 2 / 255
   c.attack.num_steps = 10
   c.attack.norm = "linf"  # 'linf' or 'l2'.
-  # 'unrolled' writes attack steps out (2-4x faster on XLA:CPU); 'rolled' uses lax.fori_loop
+  # 'unrolled' writes attack steps out (faster on XLA:CPU); 'rolled' uses lax.fori_loop
   # (faster compiles, fine on GPU/TPU); 'auto' unrolls on CPU only.
   c.attack.loop = "auto"
 

@@ -43,7 +43,7 @@ class TrainSettings:
 
 
 def unroll_attack_loops(loop: str) -> bool:
-  """Resolves config.attack.loop: 'auto' unrolls on CPU, where rolled loops are 2-4x slower."""
+  """Resolves config.attack.loop: 'auto' unrolls on CPU, where rolled loops run slower."""
   return loop == "unrolled" or (loop == "auto" and jax.default_backend() == "cpu")
 
 
