@@ -8,7 +8,8 @@ Target: (CIFAR-10, PGD-20, WRN-34-10, 5 GMACs), held out of meta-training over C
 {FGSM, PGD-10, CW-20} x {WRN-28-10, WRN-34-10, WRN-46-14, WRN-70-16} x 10-60% budgets.
 Needs TFDS's prepared `cifar10` and `cifar100` under $TFDS_DATA_DIR (or
 --config.dataset.data_dir), or --config.dataset.download=True on a machine with network; 1,000
-training images are held out for validation. Published targets: shared/reference/results.json.
+training images are held out for validation. Published targets:
+rcnas_jax/reference/results.json.
 
 Expected cost (estimated from FLOPs, not measured): a TRADES step costs ~36 forward passes, so one
 100-epoch WRN-28-10 training is ~1.9e18 FLOPs (several hours on one H100 in bf16). Teachers: 8

@@ -1,9 +1,9 @@
 """The search space: residual network specs, the teacher zoo, and analytic size counting.
 
 A network is a stem convolution, a few stages of pre-activation residual blocks and a
-classifier head (SPEC §1). Specs are frozen dataclasses: hashable, so they key the compile
+classifier head (METHOD §1). Specs are frozen dataclasses: hashable, so they key the compile
 cache and the evaluation cache. `count_params` and `count_macs` walk a spec analytically
-and reproduce the published sizes in `shared/reference/architectures.json`.
+and reproduce the published sizes in `rcnas_jax/reference/architectures.json`.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def teacher(name: str) -> NetworkSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# Analytic counting (SPEC §1: params include BN; MACs count conv and dense layers only).
+# Analytic counting (METHOD §1: params include BN; MACs count conv and dense layers only).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -234,7 +234,7 @@ def spatial_sizes(spec: NetworkSpec, image_size: int) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Compression: teacher + one action per stage -> student (SPEC §4).
+# Compression: teacher + one action per stage -> student (METHOD §4).
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,18 +1,18 @@
-"""The environment: one episode turns a task and an action into a student and a reward (SPEC §5).
+"""The environment: one episode turns a task and an action into a student and a reward (METHOD §5).
 
 action -> student spec (invalid: reward -1, never trained) -> weights inherited from the
 teacher -> proxy adversarial training on a training subset -> robust accuracy on the
 *validation* split under the task's attack -> R = acc * (MACs / budget)^w, w = 0 within budget
-and -beta over it. Every evaluation is appended to a JSONL cache keyed by (task, student,
-proxy settings), so repeated students and resumed searches cost nothing.
+and -beta over it; a student that cannot be built, or whose training diverges, scores -1.
+Every evaluation is appended to a JSONL cache keyed by the task, the student, the teacher's
+weights and exactly the settings its proxy training uses (`artifacts.evaluation`), so repeated
+students and resumed searches cost nothing and no other setting's result is ever reused.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import time
 
 import jax
@@ -22,7 +22,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from rcnas_jax import arch, data, evaluate, inherit, models, parallel, training
+from rcnas_jax import (arch, artifacts, data, evaluate, inherit, models, parallel, preemption,
+                       store, training)
 from rcnas_jax import state as state_lib
 from rcnas_jax.policy import Observation
 from rcnas_jax.state import Task
@@ -30,7 +31,7 @@ from rcnas_jax.state import Task
 
 @dataclasses.dataclass
 class Environment:
-  """What episodes need: the config, datasets, trained teachers, the mesh and the cache."""
+  """What episodes need: the config, datasets, trained teachers, the mesh and the caches."""
 
   config: ml_collections.ConfigDict
   datasets: dict[str, data.Dataset]
@@ -39,6 +40,7 @@ class Environment:
   cache: "EvaluationCache"
   probes: state_lib.ProbeCache
   slices: list[Mesh] | None = None  # Where concurrent proxy evaluations run; default [mesh].
+  teacher_weights: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.slices is None:
@@ -46,6 +48,8 @@ class Environment:
     # Teachers live on the host: each slice's thread copies them to its own devices, and
     # concurrent copies of one device array to different meshes race inside jax.device_put.
     self.teachers = {pair: parallel.to_host(v) for pair, v in self.teachers.items()}
+    # What cached evaluations and probes of a teacher are keyed by: its weights themselves.
+    self.teacher_weights = {pair: artifacts.weights_digest(v) for pair, v in self.teachers.items()}
 
 
 class EvaluationCache:
@@ -53,13 +57,7 @@ class EvaluationCache:
 
   def __init__(self, path: str | None):
     self.path = path
-    self.entries: dict[str, dict] = {}
-    if path and os.path.exists(path):
-      with open(path) as f:
-        for line in f:
-          if line.strip():
-            record = json.loads(line)
-            self.entries[record["key"]] = record
+    self.entries: dict[str, dict] = {r["key"]: r for r in store.read_jsonl(path)} if path else {}
 
   def get(self, key: str) -> dict | None:
     return self.entries.get(key)
@@ -67,13 +65,9 @@ class EvaluationCache:
   def put(self, key: str, record: dict) -> None:
     """Stores `record` under `key`, durably before returning."""
     record = {"key": key, **record}
+    if self.path:
+      store.append_jsonl(self.path, [record])
     self.entries[key] = record
-    if self.path and parallel.is_primary():
-      os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def reward(robust_accuracy: float, macs: int, budget_macs: int, beta: float) -> float:
@@ -166,10 +160,11 @@ def _proxy_optimizer(learning_rate: float, momentum: float, weight_decay: float,
 
 
 def proxy_episode(env: Environment, task: Task, spec: arch.NetworkSpec, mesh: Mesh) -> dict:
-  """Proxy training and validation attack of `spec` on `mesh` (SPEC §5.3-5.4): the cache record.
+  """Proxy training and validation attack of `spec` on `mesh` (METHOD §5.3-5.4): the cache record.
 
   Each step is its own jitted call; a `lax.scan` over the steps would be one compile fewer, but
   XLA:CPU runs convolution gradients inside loops with a slow naive emitter (~35x slower here).
+  A student whose loss stops being finite is recorded as a failed evaluation, never scored.
   """
   started = time.perf_counter()
   config = proxy_config(env.config)
@@ -192,18 +187,25 @@ def proxy_episode(env: Environment, task: Task, spec: arch.NetworkSpec, mesh: Me
                        teacher_spec=teacher_spec, student_spec=spec,
                        image_shape=info.image_shape)
   settings = training.settings_from_config(config)
+  losses = []
   for step in range(steps):
+    preemption.check("the search (unfinished proxy evaluations are redone)")
     images, labels = parallel.shard_batch(
         mesh, *data.batch_at(train_split, t.batch_size, seed=config.seed, step=step))
     state, step_metrics = _proxy_step(state, images, labels, train_key, teacher_variables,
                                       model=model, tx=tx, settings=settings, teacher=teacher)
+    losses.append(step_metrics["loss"])
+  record = {"n_examples": len(validation), "attack": threat_settings(task).describe()}
+  diverged = training.first_nonfinite(losses, 1)
+  if diverged is not None:
+    return {**record, "failed": f"proxy training diverged: non-finite loss at step {diverged}",
+            "seconds": time.perf_counter() - started}
   images, labels = parallel.shard_or_replicate(mesh, validation.images, validation.labels)
   float32 = models.build(spec, info.num_classes, info.mean, info.std)  # Attacks in full precision.
   accuracy = _robust_accuracy(
       training.eval_variables(state, False), images, labels, attack_key, model=float32,
       threat=task.attack, unroll=training.unroll_attack_loops(config.evaluation.loop))
-  return {"robust_accuracy": float(accuracy), "n_examples": len(validation),
-          "attack": threat_settings(task).describe(), "final_loss": float(step_metrics["loss"]),
+  return {**record, "robust_accuracy": float(accuracy), "final_loss": float(losses[-1]),
           "seconds": time.perf_counter() - started}
 
 
@@ -232,8 +234,8 @@ def _prepare(env: Environment, task: Task, actions) -> dict:
           "macs": arch.count_macs(spec, info.image_shape[0], info.num_classes,
                                   info.image_shape[-1]),
           "params": arch.count_params(spec, info.num_classes, info.image_shape[-1]),
-          "key": json.dumps([task.key(), spec.to_dict(), search.proxy.to_dict(), env.config.seed],
-                            sort_keys=True)}
+          "key": artifacts.evaluation(env.config, task.key(), spec.to_dict(),
+                                      env.teacher_weights[(task.dataset, task.teacher)])}
 
 
 def episodes(env: Environment, task: Task, actions: list) -> list[dict]:
@@ -256,17 +258,19 @@ def episodes(env: Environment, task: Task, actions: list) -> list[dict]:
 
 
 def _result(env: Environment, task: Task, prepared: dict, fresh: bool) -> dict:
-  """One episode's record: the reward of SPEC §5 from the cached evaluation."""
+  """One episode's record: the reward of METHOD §5 from the cached evaluation."""
   if prepared["spec"] is None:
     return {"reward": -1.0, "valid": False, "reason": prepared["reason"],
             "robust_accuracy": 0.0, "macs": 0, "params": 0, "spec": None, "cached": False}
   evaluation = env.cache.get(prepared["key"])
+  sizes = {"macs": prepared["macs"], "params": prepared["params"],
+           "spec": prepared["spec"].to_dict(), "cached": not fresh, "attack": evaluation["attack"]}
+  if "failed" in evaluation:  # Trained, but diverged: a failed evaluation, scored as invalid.
+    return {"reward": -1.0, "valid": False, "reason": evaluation["failed"],
+            "robust_accuracy": 0.0, **sizes}
   return {"reward": reward(evaluation["robust_accuracy"], prepared["macs"], task.budget_macs,
                            env.config.search.beta),
-          "valid": True, "reason": "", "robust_accuracy": evaluation["robust_accuracy"],
-          "macs": prepared["macs"], "params": prepared["params"],
-          "spec": prepared["spec"].to_dict(), "cached": not fresh,
-          "attack": evaluation["attack"]}
+          "valid": True, "reason": "", "robust_accuracy": evaluation["robust_accuracy"], **sizes}
 
 
 def episode(env: Environment, task: Task, actions) -> dict:
@@ -288,7 +292,8 @@ def observe(env: Environment, task: Task) -> Observation:
         threat=task.attack, model=model, num_iters=s.lipschitz_iterations,
         unroll=training.unroll_attack_loops(env.config.attack.loop))
 
-  return state_lib.observe(task, env.probes.get(task, compute), info.num_classes, info.image_shape)
+  key = artifacts.probe(env.config, task.key(), env.teacher_weights[(task.dataset, task.teacher)])
+  return state_lib.observe(task, env.probes.get(key, compute), info.num_classes, info.image_shape)
 
 
 def actions_from_policy(depth_ratio, width_ratio, downsample, robust) -> tuple:

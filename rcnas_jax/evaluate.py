@@ -2,7 +2,7 @@
 
 The model is always evaluated in eval mode (BN running statistics), inside the attacks too.
 Batches are padded to a fixed size (one compile per attack) and split over the mesh. The suite
-(SPEC §7) adds AutoAttack's APGD-CE, APGD-T and Square, and "AA-lite": their point-wise worst
+(METHOD §7) adds AutoAttack's APGD-CE, APGD-T and Square, and "AA-lite": their point-wise worst
 case, each attack run only on the points still robust, as AutoAttack's standard mode does.
 Given a progress file, every (attack, batch) result is appended to it as it finishes, so a killed
 evaluation continues where it stopped.
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import time
 
 import flax.linen as nn
@@ -23,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from rcnas_jax import attacks, data, models, parallel
+from rcnas_jax import attacks, data, models, parallel, preemption, store
 
 AA_LITE = ("apgd-ce", "apgd-t", "square")  # AA-lite's attacks, in the order they run.
 
@@ -132,17 +130,7 @@ class Progress:
 
   def __init__(self, path: str | None):
     self.path = path
-    self.done = {}
-    if path and os.path.exists(path):
-      with open(path) as f:
-        lines = f.readlines()
-      complete = [line for line in lines if line.endswith("\n")]
-      if len(complete) < len(lines) and parallel.is_primary():
-        with open(path, "w") as f:  # A line cut by a kill is dropped and recomputed.
-          f.writelines(complete)
-      for line in complete:
-        record = json.loads(line)
-        self.done[(record["tag"], record["batch"])] = record
+    self.done = {(r["tag"], r["batch"]): r for r in store.read_jsonl(path)} if path else {}
 
   def get(self, tag: str, batch: int) -> dict | None:
     return self.done.get((tag, batch))
@@ -151,10 +139,8 @@ class Progress:
     record = {"tag": tag, "batch": batch, "correct": "".join("01"[int(c)] for c in correct),
               "seconds": round(seconds, 3)}
     self.done[(tag, batch)] = record
-    if self.path and parallel.is_primary():
-      os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    if self.path:
+      store.append_jsonl(self.path, [record])
 
 
 def _batch_size(batch_size: int, count: int, mesh: Mesh) -> int:
@@ -176,6 +162,7 @@ def correct_flags(model: nn.Module, variables: dict, split: data.Split, attack: 
   for i, (images, labels, mask) in enumerate(_padded_batches(split, batch_size)):
     record = progress.get(tag, i)
     if record is None:
+      preemption.check(f"evaluation ({attack.describe()}, batch {i})")
       started = time.perf_counter()
       images, labels = parallel.shard_batch(mesh, images, labels)
       correct = parallel.gather(_correct(variables, images, labels, jax.random.fold_in(key, i),

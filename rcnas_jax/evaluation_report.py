@@ -7,22 +7,20 @@ Runs config.evaluation.suite (clean, FGSM, PGD, CW, APGD-CE, APGD-T, Square, AA-
 split in eval mode, then the gradient-masking checks, and writes `robustness.json`
 (architecture, params, MACs, dataset, threat model, eps, clean and per-attack robust accuracy,
 aa_lite_acc, n_examples, warnings) and `robustness.md`. Per-(attack, batch) results go to
-`evaluation-<weights and seed hash>.jsonl` as they finish: run the same command again after a
-kill to continue.
+`evaluation-<key>.jsonl` as they finish, named after the weights and every evaluation setting:
+run the same command again after a kill to continue.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 
 import jax
 import ml_collections
 import numpy as np
 
-from rcnas_jax import (arch, config as config_lib, data, evaluate, export, gradient_masking,
-                       models, parallel, training)
+from rcnas_jax import (arch, artifacts, config as config_lib, data, evaluate, export,
+                       gradient_masking, models, parallel, store, training)
 
 
 def _architecture(spec: arch.NetworkSpec) -> str:
@@ -36,14 +34,6 @@ def _eps_label(eps: float, norm: str) -> str:
   if norm == "linf" and abs(eps * 255 - round(eps * 255)) < 1e-6:
     return f"{round(eps * 255)}/255"
   return f"{eps:g}"
-
-
-def _fingerprint(student: export.Student, seed: int) -> str:
-  """Names the progress file after the weights and the seed, so no run reuses another's."""
-  digest = hashlib.sha1(str(seed).encode())
-  for leaf in jax.tree.leaves(student.variables):
-    digest.update(np.asarray(leaf).tobytes())
-  return digest.hexdigest()[:12]
 
 
 def robustbench_entry(student: export.Student, dataset: str, results: dict[str, dict],
@@ -83,13 +73,6 @@ def markdown(entry: dict, results: dict[str, dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _write(path: str, text: str) -> None:
-  """Writes atomically, so a kill never leaves half a file."""
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Evaluates the student at config.checkpoint; writes robustness.json and robustness.md."""
   e = config.evaluation
@@ -110,12 +93,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   split = data.sample(dataset.test, e.max_examples)
   key = jax.random.key(config.seed + 1)
   names = tuple(e.suite) or tuple(e.attacks)
+  # Named after the weights and every evaluation setting, so no other run's results are reused.
+  progress_key = artifacts.test_evaluation(config, dataset_name,
+                                           artifacts.weights_digest(student.variables), names)
   results = evaluate.evaluate(
       model, student.variables, split, evaluate.attacks_from_config(e, names), key,
       parallel.data_mesh(), batch_size=e.batch_size,
       unroll=training.unroll_attack_loops(e.loop),
       aa_lite_attacks=evaluate.aa_lite_from_config(e, names),
-      progress_path=os.path.join(workdir, f"evaluation-{_fingerprint(student, config.seed)}.jsonl"))
+      progress_path=os.path.join(workdir, f"evaluation-{progress_key}.jsonl"))
   warnings = []
   if e.check_examples:
     probe = data.sample(split, e.check_examples)
@@ -126,8 +112,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jax.random.fold_in(key, 10_000), eps=e.eps, norm=e.norm, results=results)
   entry = robustbench_entry(student, dataset_name, results, e, warnings,
                             "/".join(os.path.normpath(config.checkpoint).split(os.sep)[-2:]))
-  _write(os.path.join(workdir, "robustness.json"), json.dumps(entry, indent=2) + "\n")
+  store.write_json(os.path.join(workdir, "robustness.json"), entry)
   text = markdown(entry, results)
-  _write(os.path.join(workdir, "robustness.md"), text)
+  store.write_text(os.path.join(workdir, "robustness.md"), text)
   print("\n" + text)
   return entry

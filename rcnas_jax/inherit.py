@@ -1,6 +1,6 @@
 """Network-to-network weight inheritance: a student's initial variables from its teacher's.
 
-SPEC §5.2: the student keeps the first D_i blocks of each teacher stage and, in every layer,
+METHOD §5.2: the student keeps the first D_i blocks of each teacher stage and, in every layer,
 the teacher's channels with the largest L1 norm; whatever has no counterpart in the teacher
 (a changed block type, a new projection shortcut, channels beyond the teacher's) keeps its
 fresh initialisation. The channels of a stage's residual stream are chosen once per stage, so

@@ -1,4 +1,4 @@
-"""Local and layer-wise Lipschitz estimates: the LIPS attack level of the state encoder (SPEC §3).
+"""Local and layer-wise Lipschitz estimates: the LIPS attack level of the state encoder (METHOD §3).
 
 LIPS is the spectral norm of the per-example input Jacobian J = d logits / d x at (attacked)
 inputs. J is never formed: power iteration on J^T J needs only J v (forward mode, `jax.linearize`,

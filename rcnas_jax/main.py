@@ -1,8 +1,8 @@
 """Command line: `python -m rcnas_jax.main --config=configs/quickstart.py --workdir=DIR`.
 
 Fields are overridden with `--config.training.epochs=5`. A bad value stops at once with one
-line naming the field; a killed run resumes from its workdir. `--config.mode=evaluate
---config.checkpoint=DIR/export` runs the evaluation suite on an exported student.
+`error:` line naming the field; SIGTERM saves and exits 0; a killed run resumes from its
+workdir. `--config.mode=evaluate --config.checkpoint=DIR/export` runs the evaluation suite.
 """
 
 import os
@@ -17,24 +17,56 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from rcnas_jax import config as config_lib, data, parallel, pipeline  # noqa: E402
+from rcnas_jax import (checkpoint, config as config_lib, data, export, parallel,  # noqa: E402
+                       pipeline, preemption, store, training)
 
-config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", "workdir", "Where checkpoints, metrics and reports go.")
-flags.mark_flags_as_required(["config"])
+# What a user can fix: each is reported as one line, without a traceback.
+USER_ERRORS = (config_lib.ConfigError, data.DatasetNotFoundError, store.StoreError,
+               checkpoint.CheckpointError, export.ExportError, training.TrainingDiverged)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, argv=None) -> None:
+  """--config (a configs/<name>.py file, fields overridable) and --workdir."""
+  config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.",
+                                  flag_values=flag_values, lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("workdir", "workdir", "Where checkpoints, metrics and reports go.",
+                      flag_values=flag_values)
+  flags.mark_flags_as_required(["config"], flag_values=flag_values)
+
+
+def parse(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """Parses the command line; a bad flag or field stops with one `error:` line."""
+  try:
+    return flag_values(argv)
+  except flags.Error as error:
+    sys.exit(f"error: {str(error).splitlines()[0]}")
+  except (AttributeError, KeyError) as error:  # An override of a field that does not exist.
+    name = str(error.args[0] if error.args else error).strip("'\"")
+    sys.exit(f"error: no such config field '{name}' (rcnas_jax/config.py lists them)")
+  except (TypeError, ValueError) as error:
+    sys.exit(f"error: {str(error).splitlines()[0]}")
+
+
+def job(config, workdir: str) -> None:
+  """Runs the configured job; what a user can fix ends it with one `error:` line."""
+  try:
+    pipeline.run(config, workdir)
+  except USER_ERRORS as error:
+    sys.exit(f"error: {error}")
+  except preemption.Stopped as stopped:
+    print(f"stopped by SIGTERM during {stopped}; everything finished is saved in {workdir}: "
+          "run the same command again to resume")
 
 
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  preemption.install()
   # Multi-host runs join JAX's distributed runtime before any computation (see launch/).
   parallel.maybe_initialize_distributed(flags.FLAGS.config)
-  try:
-    pipeline.run(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (config_lib.ConfigError, data.DatasetNotFoundError) as error:
-    sys.exit(f"error: {error}")
+  job(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  app.run(main, flags_parser=parse)

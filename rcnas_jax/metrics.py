@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import tensorboardX
 import tqdm
+
+from rcnas_jax import store
 
 
 class MetricsWriter:
@@ -20,8 +21,7 @@ class MetricsWriter:
 
   def write(self, step: int, values: dict) -> None:
     """Records `values` at `step`, with the wall-clock time; both files are flushed."""
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+    store.append_jsonl(self.path, [{"step": step, "time": time.time(), **values}])
     for name, value in values.items():
       if isinstance(value, (int, float)):
         self.board.add_scalar(name, value, step)
@@ -32,9 +32,8 @@ class MetricsWriter:
 
 
 def read(path: str) -> list[dict]:
-  """All records of a JSONL metrics file."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """All records of a JSONL metrics file (a torn last line dropped)."""
+  return store.read_jsonl(str(path))
 
 
 def progress(total: int, desc: str, initial: int = 0, disable: bool = False) -> tqdm.tqdm:

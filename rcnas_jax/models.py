@@ -1,4 +1,4 @@
-"""Flax Linen pre-activation ResNets built from a `NetworkSpec` (SPEC §1).
+"""Flax Linen pre-activation ResNets built from a `NetworkSpec` (METHOD §1).
 
 Images come in as floats in [0, 1], NHWC; normalisation by the dataset's mean and std happens
 inside the model, so attacks work in pixel space. Layer names are stable

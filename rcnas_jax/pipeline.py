@@ -10,7 +10,6 @@ mode='evaluate': the evaluation suite on an exported student (`evaluation_report
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import time
@@ -19,8 +18,9 @@ import jax
 import ml_collections
 import optax
 
-from rcnas_jax import (arch, compilation, config as config_lib, data, env as env_lib, evaluate,
-                       evaluation_report, export, models, parallel, report, search, training)
+from rcnas_jax import (arch, artifacts, compilation, config as config_lib, data, env as env_lib,
+                       evaluate, evaluation_report, export, models, parallel, report, search,
+                       store, training)
 from rcnas_jax.state import ProbeCache, Task
 
 
@@ -38,23 +38,6 @@ def load_dataset(config: ml_collections.ConfigDict, name: str | None = None) -> 
                    validation_size=d.validation_size, seed=config.seed, download=d.download,
                    max_train_examples=d.max_train_examples or None,
                    max_image_size=d.max_image_size or None)
-
-
-def _read_json(path: str):
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  return None
-
-
-def _write_json(path: str, value) -> None:
-  """Writes atomically, so a kill never leaves half a file; only process 0 of a multi-host run."""
-  if not parallel.is_primary():
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + ".tmp", path)
 
 
 def evaluate_on_test(config, model, variables, split: data.Split, mesh,
@@ -95,20 +78,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print(f"{config.model.arch}: {sizes['params']:,} params, {sizes['macs']:,} MACs; {info.name}: "
         f"{len(dataset.train)} train / {len(dataset.validation)} validation / "
         f"{len(dataset.test)} test; {len(jax.devices())} {jax.default_backend()} device(s)")
-  timer = PhaseTimer(os.path.join(workdir, "timings.json"))
+  timer = PhaseTimer(os.path.join(workdir, "timings.json"), config)
+  key = artifacts.training(config, info.name, spec.to_dict(), start=None)
+  directory = os.path.join(workdir, f"training-{key}")
   state = timer.run("training", lambda: training.train(model, dataset.train, info.image_shape,
-                                                       config, workdir, mesh))
+                                                       config, directory, mesh))
   variables = training.eval_variables(state, use_ema=config.training.ema_decay > 0)
   float32 = models.build(spec, info.num_classes, info.mean, info.std)  # Attacks in full precision.
+  progress = os.path.join(directory,
+                          f"evaluation-{artifacts.test_evaluation(config, info.name, key)}.jsonl")
   results = timer.run("evaluation", lambda: evaluate_on_test(config, float32, variables,
-                                                             dataset.test, mesh))
+                                                             dataset.test, mesh, progress))
   table = evaluate.format_table(results)
   print(f"\nTest split of {info.name}, {config.model.arch}, eval-mode BN:\n{table}")
-  _write_json(os.path.join(workdir, "results.json"),
-              {"arch": spec.to_dict(), "dataset": info.name, "results": results})
-  if parallel.is_primary():
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(table + "\n")
+  store.write_json(os.path.join(workdir, "results.json"),
+                   {"arch": spec.to_dict(), "dataset": info.name, "results": results,
+                    "training": key, "config": config.to_dict()})
+  store.write_text(os.path.join(workdir, "results.md"), table + "\n")
   export.export_student(os.path.join(workdir, "export"), spec, variables,
                         num_classes=info.num_classes, image_shape=info.image_shape,
                         mean=info.mean, std=info.std, metrics={"results": results},
@@ -129,25 +115,42 @@ def _with_training_epochs(config: ml_collections.ConfigDict, epochs: int):
 
 
 def train_teachers(config, datasets: dict[str, data.Dataset], pairs, workdir: str, mesh) -> dict:
-  """Trained variables of every (dataset, teacher) pair: loaded from exports, or trained here."""
+  """Trained variables of every (dataset, teacher) pair: loaded from exports, or trained here.
+
+  A teacher trained here lives in teachers/<dataset>-<teacher>-<key>, its key naming exactly
+  the settings it was trained with (`artifacts.teacher`).
+  """
   teachers = {}
   for dataset_name, teacher_name in sorted(pairs):
     name = f"{dataset_name}-{teacher_name}"
-    if config.teacher.checkpoint_dir:
-      teachers[(dataset_name, teacher_name)] = export.load_student(
-          os.path.join(config.teacher.checkpoint_dir, name)).variables
-      continue
-    dataset = datasets[dataset_name]
-    info = dataset.info
+    info = datasets[dataset_name].info
     spec = arch.teacher(teacher_name)
+    if config.teacher.checkpoint_dir:
+      teachers[(dataset_name, teacher_name)] = _load_teacher(
+          os.path.join(config.teacher.checkpoint_dir, name), spec, info)
+      continue
     model = models.build(spec, info.num_classes, info.mean, info.std, config.model.dtype)
     print(f"teacher {name}: {_describe(spec, info)['macs']:,} MACs")
-    state = training.train(model, dataset.train, info.image_shape,
-                           _with_training_epochs(config, config.teacher.epochs),
-                           os.path.join(workdir, "teachers", name), mesh)
+    directory = os.path.join(workdir, "teachers",
+                             f"{name}-{artifacts.teacher(config, dataset_name, teacher_name)}")
+    state = training.train(model, datasets[dataset_name].train, info.image_shape,
+                           _with_training_epochs(config, config.teacher.epochs), directory, mesh,
+                           name=f"teacher {name}")
     teachers[(dataset_name, teacher_name)] = training.eval_variables(
         state, config.training.ema_decay > 0)
   return teachers
+
+
+def _load_teacher(path: str, spec: arch.NetworkSpec, info: data.DatasetInfo) -> dict:
+  """The variables of an exported teacher, after checking it is the network asked for."""
+  teacher = export.load_student(path)
+  if teacher.spec != spec or teacher.meta["num_classes"] != info.num_classes or tuple(
+      teacher.meta["image_shape"]) != tuple(info.image_shape):
+    raise config_lib.ConfigError(
+        f"config.teacher.checkpoint_dir: {path} holds a {teacher.meta['num_classes']}-class "
+        f"network for {tuple(teacher.meta['image_shape'])} images that is not the teacher "
+        f"{info.name} needs ({info.num_classes} classes, {info.image_shape})")
+  return teacher.variables
 
 
 def _spec_name(spec: arch.NetworkSpec) -> str:
@@ -162,25 +165,31 @@ def _train_final(env, task: Task, spec: arch.NetworkSpec, workdir: str, mesh,
                  progress: bool) -> dict:
   """Full adversarial training of one student on `mesh`, then the test-split evaluation.
 
-  Results are kept per student, so methods that found the same student share one training.
+  The training lives in final/<student>-<key>, keyed by its recipe and start (so methods that
+  found the same student share it), and each evaluation of it in results-<key>.json.
   """
-  directory = os.path.join(workdir, "final", _spec_name(spec))
-  path = os.path.join(directory, "results.json")
-  done = _read_json(path)
+  config = env.config
+  key = artifacts.training(config, task.dataset, spec.to_dict(),
+                           start=env.teacher_weights[(task.dataset, task.teacher)])
+  evaluation_key = artifacts.test_evaluation(config, task.dataset, key)
+  directory = os.path.join(workdir, "final", f"{_spec_name(spec)}-{key}")
+  path = os.path.join(directory, f"results-{evaluation_key}.json")
+  done = store.read_json(path)
   if done is None:
     dataset = env.datasets[task.dataset]
     print(f"final training of {_spec_name(spec)}")
-    _, variables = env_lib.train_student(env, task, spec, env.config, dataset.train,
+    _, variables = env_lib.train_student(env, task, spec, config, dataset.train,
                                          workdir=directory, progress=progress, mesh=mesh)
     model = models.build(spec, dataset.info.num_classes, dataset.info.mean, dataset.info.std)
-    results = evaluate_on_test(env.config, model, variables, dataset.test, mesh,
-                               os.path.join(directory, "evaluation.jsonl"))
-    done = {"spec": spec.to_dict(), **_describe(spec, dataset.info), "results": results}
+    results = evaluate_on_test(config, model, variables, dataset.test, mesh,
+                               os.path.join(directory, f"evaluation-{evaluation_key}.jsonl"))
+    done = {"spec": spec.to_dict(), **_describe(spec, dataset.info), "results": results,
+            "training": key, "evaluation": evaluation_key}
     export.export_student(os.path.join(directory, "export"), spec, variables,
                           num_classes=dataset.info.num_classes,
                           image_shape=dataset.info.image_shape, mean=dataset.info.mean,
                           std=dataset.info.std, metrics=done, dataset=task.dataset)
-    _write_json(path, done)
+    store.write_json(path, done)
   return done
 
 
@@ -189,7 +198,7 @@ def final_rows(env, task: Task, candidates: dict[str, arch.NetworkSpec],
   """The teacher's row, then every method's student trained in full and evaluated.
 
   Each distinct student trains once; the trainings and the teacher's evaluation share the
-  candidate slices.
+  candidate slices. The RC-NAS student is exported to <workdir>/export.
   """
   distinct = list(dict.fromkeys(candidates.values()))
   progress = len(env.slices) == 1
@@ -198,40 +207,63 @@ def final_rows(env, task: Task, candidates: dict[str, arch.NetworkSpec],
       functools.partial(_train_final, env, task, spec, workdir, progress=progress)
       for spec in distinct])
   done = dict(zip(distinct, students))
-  export_dir = os.path.join(workdir, "export")
-  if "RC-NAS" in candidates and parallel.is_primary() and not os.path.exists(export_dir):
-    source = os.path.join(workdir, "final", _spec_name(candidates["RC-NAS"]), "export")
-    shutil.rmtree(export_dir + ".tmp", ignore_errors=True)  # Left by a kill mid-copy.
-    shutil.copytree(source, export_dir + ".tmp")
-    os.replace(export_dir + ".tmp", export_dir)
+  if "RC-NAS" in candidates:
+    _export(workdir, done[candidates["RC-NAS"]])
   return [teacher] + [{"method": method, **done[spec]} for method, spec in candidates.items()]
+
+
+def _export(workdir: str, row: dict) -> None:
+  """Copies a final training's export to <workdir>/export, unless that export is already it."""
+  export_dir = os.path.join(workdir, "export")
+  metrics = store.read_json(os.path.join(export_dir, "metrics.json"), {})
+  same = lambda m: (m.get("training"), m.get("evaluation")) == (row["training"],
+                                                                 row["evaluation"])
+  if same(metrics) or not parallel.is_primary():
+    return
+  source = os.path.join(workdir, "final",
+                        f"{_spec_name(arch.spec_from_dict(row['spec']))}-{row['training']}",
+                        "export")
+  shutil.rmtree(export_dir + ".tmp", ignore_errors=True)  # Left by a kill mid-copy.
+  shutil.copytree(source, export_dir + ".tmp")
+  shutil.rmtree(export_dir, ignore_errors=True)
+  os.replace(export_dir + ".tmp", export_dir)
 
 
 def _teacher_row(env, task: Task, workdir: str, mesh) -> dict:
   """The teacher itself, evaluated on the test split."""
-  path = os.path.join(workdir, "final", "teacher", "results.json")
-  done = _read_json(path)
+  weights = env.teacher_weights[(task.dataset, task.teacher)]
+  evaluation_key = artifacts.test_evaluation(env.config, task.dataset, weights)
+  path = os.path.join(workdir, "final", f"teacher-{task.dataset}-{task.teacher}",
+                      f"results-{evaluation_key}.json")
+  done = store.read_json(path)
   if done is None:
     dataset = env.datasets[task.dataset]
     info = dataset.info
     spec = arch.teacher(task.teacher)
     model = models.build(spec, info.num_classes, info.mean, info.std)
     results = evaluate_on_test(env.config, model, env.teachers[(task.dataset, task.teacher)],
-                               dataset.test, mesh)
+                               dataset.test, mesh, path.replace("results-", "evaluation-")
+                               .replace(".json", ".jsonl"))
     done = {"method": f"teacher ({task.teacher})", "spec": spec.to_dict(),
-            **_describe(spec, info), "results": results}
-    _write_json(path, done)
+            **_describe(spec, info), "results": results, "evaluation": evaluation_key}
+    store.write_json(path, done)
   return done
 
 
 class PhaseTimer:
-  """Wall time and compilations of each phase, kept from the run that first finished it."""
+  """Wall time and compilations of each phase, from the run of this config that first did it.
 
-  def __init__(self, path: str):
+  The file is keyed by the config's result fields: a run with other settings starts afresh.
+  """
+
+  def __init__(self, path: str, config: ml_collections.ConfigDict):
     self.path = path
-    self.times = _read_json(path) or {}
-    self.compiles_path = os.path.join(os.path.dirname(path), "compiles.json")
-    self.compiles = _read_json(self.compiles_path) or {}
+    self.config = artifacts.digest(artifacts.result_fields(config))
+    saved = store.read_json(path, {})
+    if saved.get("config") != self.config:
+      saved = {}
+    self.times = saved.get("seconds", {})
+    self.compiles = saved.get("compiles", {})
 
   def run(self, name: str, fn):
     started = time.perf_counter()
@@ -239,9 +271,9 @@ class PhaseTimer:
       value = fn()
     if name not in self.times:
       self.times[name] = round(time.perf_counter() - started, 1)
-      _write_json(self.path, self.times)
       self.compiles[name] = compiles.to_dict()
-      _write_json(self.compiles_path, self.compiles)
+      store.write_json(self.path, {"config": self.config, "seconds": self.times,
+                                   "compiles": self.compiles})
       print(f"{name}: {self.times[name]} s, {compiles.describe()}")
     return value
 
@@ -266,33 +298,48 @@ def environment(config: ml_collections.ConfigDict, workdir: str,
 
 def search_phases(env: env_lib.Environment, target: Task, workdir: str,
                   timer: "PhaseTimer") -> dict[str, list[dict]]:
-  """Meta-training, fine-tuning on the target and the configured baselines; their episodes."""
+  """Meta-training, fine-tuning on the target and the configured baselines; their episodes.
+
+  Each phase lives in search/<phase>-<key>, its key naming what it depends on
+  (`artifacts.phase`); fine-tuning's includes the meta-trained policy's.
+  """
   config, s = env.config, env.config.search
   infos = {n: d.info for n, d in env.datasets.items()}
   fresh = search.fresh_search_state(config, env_lib.observe(env, target))
   print(f"target task: {target.key()} (held out of meta-training)")
+  weights = lambda pairs: {f"{d}-{t}": env.teacher_weights[(d, t)] for d, t in pairs}
+  on_target = weights([(target.dataset, target.teacher)])
+  directory = lambda name, key: os.path.join(workdir, "search", f"{name}-{key}")
+  meta_key = artifacts.phase(config, "meta", weights(
+      (d, t) for d in s.datasets for t in s.teachers), target.key())
   phases = {}
   meta_state, phases["meta"] = timer.run("meta-training", lambda: search.run_phase(
       "meta", env, lambda i: search.meta_task(config, i, target, infos), s.meta_updates, fresh,
-      workdir))
+      directory("meta", meta_key)))
   meta_trained = {"params": meta_state["params"],
                   "opt_state": optax.adam(s.policy.learning_rate).init(meta_state["params"]),
                   "iteration": fresh["iteration"]}
+  finetune_key = artifacts.phase(config, "finetune", on_target, target.key(),
+                                 meta=f"{meta_key}@{s.meta_updates}")
   _, phases["finetune"] = timer.run("fine-tuning", lambda: search.run_phase(
-      "finetune", env, lambda i: target, s.finetune_updates, meta_trained, workdir))
+      "finetune", env, lambda i: target, s.finetune_updates, meta_trained,
+      directory("finetune", finetune_key)))
   if "rnas" in s.baselines:
+    rnas_key = artifacts.phase(config, "rnas", on_target, target.key())
     _, phases["rnas"] = timer.run("R-NAS", lambda: search.run_phase(
-        "rnas", env, lambda i: target, s.finetune_updates, fresh, workdir))
+        "rnas", env, lambda i: target, s.finetune_updates, fresh, directory("rnas", rnas_key)))
   if "random" in s.baselines:
+    random_key = artifacts.phase(config, "random", on_target, target.key())
     _, phases["random"] = timer.run("random search", lambda: search.run_phase(
-        "random", env, lambda i: target, s.finetune_updates, fresh, workdir, learn=False))
+        "random", env, lambda i: target, s.finetune_updates, fresh,
+        directory("random", random_key), learn=False))
   return phases
 
 
 def rc_nas(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The whole RC-NAS pipeline; returns the report."""
   s = config.search
-  timer = PhaseTimer(os.path.join(workdir, "timings.json"))
+  timer = PhaseTimer(os.path.join(workdir, "timings.json"), config)
   env, target = environment(config, workdir, timer)
   phases = search_phases(env, target, workdir, timer)
   info = env.datasets[target.dataset].info
@@ -307,14 +354,40 @@ def rc_nas(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return report.write(workdir, config, target, rows, phases, timer.times, timer.compiles)
 
 
+# Files that describe one run's results: removed when a run with other settings starts.
+RUN_FILES = ("report.md", "report.json", "rewards.png", "accuracy_vs_macs.png", "topology.png",
+             "results.json", "results.md", "robustness.json", "robustness.md")
+
+
+def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Makes `workdir` this configuration's: config.json and the reports describe this run.
+
+  A workdir made with other result fields is reused for what they share (every artifact is
+  keyed by exactly its inputs); with config.resume='strict' it stops the run instead.
+  """
+  path = os.path.join(workdir, "config.json")
+  previous = store.read_json(path)
+  changes = artifacts.changed_fields(artifacts.flatten(previous),
+                                     artifacts.flatten(config.to_dict())) if previous else []
+  if changes and config.resume == "strict":
+    raise config_lib.ConfigError(
+        f"config.resume='strict': {workdir} was made with other settings: {', '.join(changes)} "
+        "(use another workdir, or resume='auto' to reuse what they share)")
+  if changes:
+    print(f"{workdir} was made with other settings ({', '.join(changes)}): reusing what they "
+          "share, recomputing the rest")
+    for name in RUN_FILES:
+      if parallel.is_primary() and os.path.exists(os.path.join(workdir, name)):
+        os.remove(os.path.join(workdir, name))
+  store.write_text(path, config.to_json(indent=2) + "\n")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str):
   """Validates the config, then runs the job that `config.mode` names."""
   config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   os.makedirs(workdir, exist_ok=True)
+  claim_workdir(config, workdir)
   enable_compilation_cache(config.compilation_cache_dir or os.path.join(workdir, "jax_cache"))
-  if parallel.is_primary():
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
   if config.mode == "train":
     return train_and_evaluate(config, workdir)
   if config.mode == "evaluate":

@@ -1,9 +1,9 @@
 """The agent: a bidirectional-LSTM state encoder, one action head per stage, and the RL losses.
 
-The teacher's stages are read as a sequence (SPEC §3): a shared dense layer encodes each stage
+The teacher's stages are read as a sequence (METHOD §3): a shared dense layer encodes each stage
 vector, a bidirectional LSTM lets every stage see all the others (stage i's choice depends on
 what the stages before and after it keep), and a *separate* MLP per stage mixes that context
-with the task features. Each stage then has its own head (SPEC §4): two Gaussians on
+with the task features. Each stage then has its own head (METHOD §4): two Gaussians on
 unconstrained logits, squashed by a sigmoid into the depth and width ratios, and two Bernoulli
 logits (downsample, robust block). The value head reads the mean of the per-stage states.
 
@@ -97,7 +97,7 @@ class StageHead(nn.Module):
 
 
 class PolicyNetwork(nn.Module):
-  """Observation -> PolicyOutput (SPEC §3-4), with a `stage{i}_mlp` and `stage{i}_head` per stage.
+  """Observation -> PolicyOutput (METHOD §3-4), with a `stage{i}_mlp` and `stage{i}_head` per stage.
 
   Parameter names: `stage_encoder`, `lstm_forward`, `lstm_backward`, `stage{i}_mlp`,
   `stage{i}_head/{depth_mean, depth_log_std, ..., robust_logit}`, `value_hidden`, `value_head`.

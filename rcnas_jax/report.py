@@ -4,7 +4,6 @@ plus the plots (reward per update, robust accuracy vs MACs, teacher-vs-student t
 
 from __future__ import annotations
 
-import json
 import os
 
 import matplotlib
@@ -13,7 +12,7 @@ matplotlib.use("Agg")  # Files only; no display needed.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rcnas_jax import arch, parallel, search  # noqa: E402
+from rcnas_jax import arch, parallel, search, store  # noqa: E402
 
 PHASE_LABELS = {"meta": "meta-training", "finetune": "RC-NAS fine-tuning", "rnas": "R-NAS",
                 "random": "random search"}
@@ -125,14 +124,13 @@ def write(workdir: str, config, target, rows: list[dict], phases: dict[str, list
                          "evaluations_to_best": search.evaluations_to_best(episodes)}
                  for phase, episodes in phases.items() if episodes},
       "timings": timings, "compiles": compiles or {}, "seed": config.seed,
+      "config": config.to_dict(),
   }
   if not parallel.is_primary():
     return report
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  store.write_json(os.path.join(workdir, "report.json"), report)
   text = markdown(report)
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(text)
+  store.write_text(os.path.join(workdir, "report.md"), text)
   plot_rewards(phases, os.path.join(workdir, "rewards.png"))
   plot_accuracy_vs_macs(phases, target.budget_macs, os.path.join(workdir, "accuracy_vs_macs.png"))
   student = next((r for r in rows if r["method"] == "RC-NAS"), None)

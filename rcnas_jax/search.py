@@ -1,4 +1,4 @@
-"""Learning to compress: policy-gradient updates, meta-training, fine-tuning, baselines (SPEC §6).
+"""Learning to compress: policy-gradient updates, meta-training, fine-tuning, baselines (METHOD §6).
 
 Each update samples M students for one task from the multi-head policy, evaluates them in the
 environment and takes one step of REINFORCE with a value baseline and an entropy bonus (or a
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Callable
 
@@ -23,7 +22,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from rcnas_jax import arch, checkpoint, env as env_lib, metrics, parallel, policy
+from rcnas_jax import (arch, checkpoint, env as env_lib, metrics, parallel, policy, preemption,
+                       store)
 from rcnas_jax.state import Task, ThreatModel
 
 PHASES = ("meta", "finetune", "rnas", "random")
@@ -163,19 +163,24 @@ def fresh_search_state(config: ml_collections.ConfigDict, observation) -> dict:
 
 
 def run_phase(name: str, env: env_lib.Environment, task_for: Callable[[int], Task],
-              num_updates: int, initial: dict, workdir: str, *, learn: bool = True,
+              num_updates: int, initial: dict, directory: str, *, learn: bool = True,
               progress: bool = True) -> tuple[dict, list[dict]]:
-  """Runs (or resumes) one search phase; returns the final search state and its episodes."""
+  """Runs (or resumes) one search phase in `directory`; returns its final state and episodes.
+
+  The task, the actions and the evaluations of update i do not depend on the phase's length,
+  so a phase keyed without it resumes from any shorter run and is cut back from a longer one.
+  """
   config = env.config
   s = config.search
   num_stages = len(arch.teacher(task_for(0).teacher).stages)
   p = PolicySettings(**s.policy)
   network = _network(p.hidden, num_stages)
   tx = optax.adam(p.learning_rate)
-  directory = os.path.join(workdir, "search", name)
   manager = checkpoint.manager(os.path.join(directory, "checkpoints"))
-  state = checkpoint.restore_latest(manager, initial) or initial
+  state = checkpoint.restore_latest(manager, initial, max_step=num_updates) or initial
   start = int(state["iteration"])
+  for later in [step for step in manager.all_steps() if step > start]:
+    manager.delete(later)  # Of a longer run of this phase, or unreadable.
   log_path = os.path.join(directory, "episodes.jsonl")
   episodes = _keep_before(log_path, start)
   writer = metrics.MetricsWriter(directory) if parallel.is_primary() else None
@@ -202,19 +207,18 @@ def run_phase(name: str, env: env_lib.Environment, task_for: Callable[[int], Tas
     new = [{"phase": name, "iteration": iteration, "student": i, "task": task.key(), **r}
            for i, r in enumerate(results)]
     episodes += new
+    store.append_jsonl(log_path, new)
     if writer:  # Process 0 writes the logs.
-      with open(log_path, "a") as f:
-        for record in new:
-          f.write(json.dumps(record) + "\n")
       writer.write(iteration + 1, {"mean_reward": float(rewards.mean()),
                                    "best_reward": max(e["reward"] for e in episodes),
                                    **{k: float(v) for k, v in info.items()}})
     checkpoint.save(manager, iteration + 1, state)
-    manager.wait_until_finished()
+    checkpoint.wait(manager)
     bar.set_postfix(mean_reward=f"{float(rewards.mean()):.3f}",
                     best=f"{max(e['reward'] for e in episodes):.3f}",
                     **{k: f"{float(v):.3f}" for k, v in info.items() if k == "entropy"})
     bar.update(1)
+    preemption.check(f"{name} after update {iteration + 1} of {num_updates}")
   bar.close()
   manager.close()
   if writer:
@@ -224,15 +228,10 @@ def run_phase(name: str, env: env_lib.Environment, task_for: Callable[[int], Tas
 
 def _keep_before(log_path: str, iteration: int) -> list[dict]:
   """The logged episodes of finished iterations; later lines (an interrupted one) are dropped."""
-  if not os.path.exists(log_path):
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    return []
-  kept = [e for e in metrics.read(log_path) if e["iteration"] < iteration]
-  if parallel.is_primary():  # Atomically: other processes may be reading the same file.
-    with open(log_path + ".tmp", "w") as f:
-      for record in kept:
-        f.write(json.dumps(record) + "\n")
-    os.replace(log_path + ".tmp", log_path)
+  logged = store.read_jsonl(log_path)
+  kept = [e for e in logged if e["iteration"] < iteration]
+  if len(kept) < len(logged):
+    store.write_jsonl(log_path, kept)
   return kept
 
 

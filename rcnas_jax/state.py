@@ -1,4 +1,4 @@
-"""Tasks and what the agent observes of them (SPEC §2-3).
+"""Tasks and what the agent observes of them (METHOD §2-3).
 
 A task is (dataset, attack, teacher, budget). Its observation is the teacher's normalised
 stage vectors plus task features: LIPS (the Lipschitz coefficient of attacked data w.r.t. the
@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +18,7 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from rcnas_jax import arch, attacks, lipschitz, models, parallel
+from rcnas_jax import arch, attacks, lipschitz, models, parallel, store
 from rcnas_jax.policy import Observation
 
 TASK_ATTACKS = ("clean", "fgsm", "pgd", "cw", "apgd-ce")
@@ -118,20 +116,15 @@ def observe(task: Task, probe: dict, num_classes: int, image_shape) -> Observati
 
 
 class ProbeCache:
-  """Probe statistics per task, persisted as JSON so a resumed run does not recompute them."""
+  """Probe statistics per key (`artifacts.probe`), kept as JSON so a resumed run reuses them."""
 
   def __init__(self, path: str):
     self.path = path
-    self.entries = json.load(open(path)) if os.path.exists(path) else {}
+    self.entries = store.read_json(path, {})
 
-  def get(self, task: Task, compute) -> dict:
-    """The cached statistics of `task`, computing and saving them on a miss."""
-    if task.key() not in self.entries:
-      self.entries[task.key()] = compute()
-      if not parallel.is_primary():
-        return self.entries[task.key()]
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        json.dump(self.entries, f, indent=1)
-      os.replace(tmp, self.path)
-    return self.entries[task.key()]
+  def get(self, key: str, compute) -> dict:
+    """The statistics stored under `key`, computing and saving them on a miss."""
+    if key not in self.entries:
+      self.entries[key] = compute()
+      store.write_json(self.path, self.entries)
+    return self.entries[key]

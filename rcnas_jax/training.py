@@ -16,10 +16,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from rcnas_jax import attacks, checkpoint, data, metrics, models, parallel
+from rcnas_jax import attacks, checkpoint, data, metrics, models, parallel, preemption
 
 State = dict
 
@@ -224,15 +225,39 @@ def global_batch(mesh: Mesh, split: data.Split, batch_size: int, *, seed: int,
                                     split.labels[indices])
 
 
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite; the message names the first step where it did."""
+
+
+def first_nonfinite(losses: list, first_step: int) -> int | None:
+  """The global step (1-based) of the first non-finite loss in `losses`, or None."""
+  if not losses:
+    return None
+  bad = np.flatnonzero(~np.isfinite(np.asarray(jax.device_get(losses), np.float64)))
+  return first_step + int(bad[0]) if bad.size else None
+
+
+def check_finite(losses: list, first_step: int, where: str) -> None:
+  """Raises TrainingDiverged when a loss of steps first_step, first_step + 1, ... is not finite.
+
+  The losses stay on the device until a check, so the loop does not wait for every step.
+  """
+  step = first_nonfinite(losses, first_step)
+  if step is not None:
+    raise TrainingDiverged(f"{where} diverged: non-finite loss at step {step}")
+
+
 def train(model: nn.Module, split: data.Split, image_shape, config: ml_collections.ConfigDict,
           workdir: str | None, mesh: Mesh, *, init_variables: dict | None = None,
           teacher: tuple[nn.Module, dict] | None = None, max_steps: int | None = None,
-          progress: bool = True) -> State:
+          progress: bool = True, name: str = "training") -> State:
   """Trains `model` on `split` per `config`, resuming from `workdir`; returns the final state.
 
   `init_variables` replace the fresh initialisation (e.g. weights inherited from a teacher).
   Without a workdir nothing is written (short proxy runs). `max_steps` stops early after that
-  global step (the schedule is unchanged), as a kill would.
+  global step (the schedule is unchanged), as a kill would. A non-finite loss stops the run
+  with TrainingDiverged before any checkpoint holds it; a stop request (SIGTERM) saves a
+  checkpoint and raises preemption.Stopped.
   """
   t = config.training
   steps_per_epoch = data.steps_per_epoch(split, t.batch_size)
@@ -254,24 +279,34 @@ def train(model: nn.Module, split: data.Split, image_shape, config: ml_collectio
   writer = metrics.MetricsWriter(workdir) if workdir and parallel.is_primary() else None
   stop = min(total_steps, max_steps or total_steps)
   start = int(state["step"])
-  bar = metrics.progress(total=stop, initial=start, desc="train",
+  bar = metrics.progress(total=stop, initial=start, desc=name,
                          disable=not (progress and parallel.is_primary()))
+  losses = []  # Of the steps since the last finiteness check.
   for step in range(start, stop):
     images, labels = global_batch(mesh, split, t.batch_size, seed=config.seed, step=step)
     state, step_metrics = step_fn(state, images, labels, step_key, teacher_variables)
+    losses.append(step_metrics["loss"])
     done = step + 1
-    if writer and (done % t.log_every_steps == 0 or done == stop):
+    log = done % t.log_every_steps == 0 or done == stop
+    save = manager and (done % t.checkpoint_every_steps == 0 or done % steps_per_epoch == 0
+                        or done == stop or preemption.requested())
+    if log or save:
+      check_finite(losses, done - len(losses) + 1, name)
+      losses = []
+    if writer and log:
       record = {k: float(v) for k, v in step_metrics.items()}
       record["epoch"] = done / steps_per_epoch
       writer.write(done, record)
       bar.set_postfix(loss=f"{record['loss']:.3f}")
-    if manager and (done % t.checkpoint_every_steps == 0 or done % steps_per_epoch == 0
-                    or done == stop):
+    if save:
       checkpoint.save(manager, done, state)
     bar.update(1)
+    if manager and preemption.requested():
+      checkpoint.wait(manager)
+      preemption.check(f"{name} at step {done} of {stop}")
   bar.close()
   if manager:
-    manager.wait_until_finished()
+    checkpoint.wait(manager)
     manager.close()
   if writer:
     writer.close()

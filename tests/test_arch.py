@@ -1,22 +1,19 @@
 """Search-space specs and analytic counting against published sizes and the real models."""
 
 import json
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 
-from rcnas_jax import arch, models
+from rcnas_jax import arch, models, reference
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
-REFERENCE = SHARED / "reference" / "architectures.json"
+REFERENCE = reference.load("architectures")
 
 
 def _reference_entries():
   """(name, source, params_m, gmacs) for every target of the reference file."""
-  entries = json.loads(REFERENCE.read_text())
-  for name, entry in entries.items():
+  for name, entry in REFERENCE.items():
     if name.startswith("_"):
       continue
     for source in ("published", "reference_code"):
@@ -24,7 +21,6 @@ def _reference_entries():
         yield name, source, entry[source]["params_m"], entry[source]["gmacs"]
 
 
-@pytest.mark.skipif(not REFERENCE.exists(), reason="shared/reference is not beside the checkout")
 @pytest.mark.parametrize("name,source,params_m,gmacs", list(_reference_entries()))
 def test_counts_match_reference_within_2_percent(name, source, params_m, gmacs):
   spec = arch.TEACHERS[name]
@@ -32,11 +28,9 @@ def test_counts_match_reference_within_2_percent(name, source, params_m, gmacs):
   assert abs(arch.count_macs(spec) / 1e9 - gmacs) / gmacs < 0.02
 
 
-@pytest.mark.skipif(not REFERENCE.exists(), reason="shared/reference is not beside the checkout")
 def test_reference_zoo_matches_file_configuration():
-  entries = json.loads(REFERENCE.read_text())
-  assert len(entries) > 10
-  for name, entry in entries.items():
+  assert len(REFERENCE) > 10
+  for name, entry in REFERENCE.items():
     if name.startswith("_"):
       continue
     spec = arch.TEACHERS[name]

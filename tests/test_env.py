@@ -3,7 +3,8 @@
 import jax
 import pytest
 
-from rcnas_jax import arch, config as config_lib, data, env as env_lib, models, parallel
+from rcnas_jax import (arch, artifacts, config as config_lib, data, env as env_lib, models,
+                       parallel)
 from rcnas_jax.state import ProbeCache, Task, ThreatModel
 
 
@@ -81,4 +82,6 @@ def test_observation_of_a_task_is_cached(tmp_path):
   observation = env_lib.observe(environment, task)
   assert observation.task.shape == (6,) and float(observation.task[1]) == pytest.approx(
       200_000 / arch.count_macs(arch.TEACHERS["tiny-8"], 8, 10, 1))
-  assert task.key() in ProbeCache(str(tmp_path / "probes.json")).entries
+  key = artifacts.probe(environment.config, task.key(),
+                        environment.teacher_weights[("digits", "tiny-8")])
+  assert list(ProbeCache(str(tmp_path / "probes.json")).entries) == [key]

@@ -27,5 +27,46 @@ def test_exported_student_loads_in_one_call_and_predicts_identically(tmp_path):
 
 
 def test_missing_export_names_the_path(tmp_path):
-  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+  with pytest.raises(export.ExportError, match=f"no exported student at {tmp_path}"):
     rcnas_jax.load_student(str(tmp_path))
+
+
+def _exported(tmp_path):
+  spec = arch.NetworkSpec(stages=(arch.StageSpec(1, 8, 1),))
+  model = models.build(spec, 4)
+  path = tmp_path / "student"
+  export.export_student(str(path), spec, models.init(model, jax.random.key(0), (8, 8, 1)),
+                        num_classes=4, image_shape=(8, 8, 1), mean=(0.0,), std=(1.0,))
+  return path
+
+
+def test_a_damaged_export_is_one_clear_error(tmp_path):
+  path = _exported(tmp_path)
+  (path / "student.json").write_text('{"spec": ')
+  with pytest.raises(export.ExportError, match=r"student at .* is damaged: student.json: "):
+    rcnas_jax.load_student(str(path))
+  path = _exported(tmp_path)
+  (path / "student.json").write_text('{"num_classes": 4}')
+  with pytest.raises(export.ExportError, match="damaged: student.json: KeyError: .*no spec"):
+    rcnas_jax.load_student(str(path))
+  path = _exported(tmp_path)
+  for data_file in [p for p in (path / "variables").rglob("*") if p.is_file()]:
+    data_file.write_bytes(data_file.read_bytes()[:3])
+  with pytest.raises(export.ExportError, match="is damaged: variables/"):
+    rcnas_jax.load_student(str(path))
+
+
+@pytest.mark.parametrize("images,needle", [
+    (np.zeros((2, 8, 8), np.uint8), "got shape (2, 8, 8)"),
+    (np.zeros((2, 8, 8, 3), np.uint8), "got shape (2, 8, 8, 3)"),
+    (np.zeros((2, 8, 8, 1), np.int32), "got dtype int32"),
+    (np.full((2, 8, 8, 1), 255.0, np.float32), "got values in [255, 255]"),
+    (np.full((2, 8, 8, 1), np.nan, np.float32), "got values in [nan, nan]"),
+])
+def test_predict_refuses_images_it_cannot_take(tmp_path, images, needle):
+  student = rcnas_jax.load_student(str(_exported(tmp_path)))
+  with pytest.raises(export.ExportError) as error:
+    student.predict(images)
+  assert str(error.value).startswith("predict: images must be (N, 8, 8, 1) uint8 or floats in "
+                                     "[0, 1]") and needle in str(error.value)
+  assert student.predict(np.ones((2, 8, 8, 1), np.float32)).shape == (2, 4)

@@ -35,7 +35,7 @@ def _conv(x, kernel, stride=1, groups=1):
 
 
 def _reference_robust_block(x, p, s, stride):
-  """RobustResBlock written out from SPEC §1, in eval mode."""
+  """RobustResBlock written out from METHOD §1, in eval mode."""
   width = p["split_conv0"]["kernel"].shape[-1]
   out_ch = p["conv3"]["kernel"].shape[-1]
   pre = jax.nn.relu(_bn(x, p["norm1"], s["norm1"]))
@@ -61,7 +61,7 @@ def _reference_robust_block(x, p, s, stride):
 
 
 def _reference_basic_block(x, p, s, stride):
-  """Pre-activation basic block written out from SPEC §1, in eval mode."""
+  """Pre-activation basic block written out from METHOD §1, in eval mode."""
   pre = jax.nn.relu(_bn(x, p["norm1"], s["norm1"]))
   shortcut = _conv(pre, p["shortcut"]["kernel"], stride) if "shortcut" in p else x
   h = jax.nn.relu(_bn(_conv(pre, p["conv1"]["kernel"], stride), p["norm2"], s["norm2"]))

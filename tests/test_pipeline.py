@@ -38,9 +38,10 @@ def test_train_and_evaluate_writes_results_and_resumes(tmp_path):
     assert 0.0 <= saved["results"][name]["accuracy"] <= saved["results"]["clean"]["accuracy"]
   assert saved["results"]["clean"]["accuracy"] > 0.3  # 16 steps already beat chance (0.1).
   assert "| pgd |" in (tmp_path / "results.md").read_text()
-  logged = len(metrics.read(tmp_path / "metrics.jsonl"))
+  [log] = tmp_path.glob("training-*/metrics.jsonl")  # Keyed by the training's settings.
+  logged = len(metrics.read(log))
   second = pipeline.run(c, str(tmp_path))  # Finished training is restored, not redone.
-  assert len(metrics.read(tmp_path / "metrics.jsonl")) == logged
+  assert len(metrics.read(log)) == logged
   assert second["clean"]["accuracy"] == first["clean"]["accuracy"]
   assert second["pgd"]["accuracy"] == first["pgd"]["accuracy"]
 
