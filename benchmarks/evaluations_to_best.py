@@ -5,13 +5,13 @@
 
 For each seed: meta-training, then fine-tuning of the meta-trained policy on the held-out target
 (RC-NAS) and the same fine-tuning from the initial policy (R-NAS), with the same evaluation
-budget. Teachers are trained once (by the first seed) and shared, so only the search differs
-between seeds. Prints, per seed and method, the best validation reward, the evaluations needed
+budget. Each seed trains its own teachers: a seed carves its own validation split, and a teacher
+trained on another seed's split would have seen this seed's reward images. Prints, per seed and
+method, the best validation reward, the evaluations needed
 to first reach it, and those needed to reach the other method's best ('-' when never).
 Resumable: each seed's workdir keeps its checkpoints and evaluation cache.
 """
 
-import json
 import os
 import sys
 
@@ -24,7 +24,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from rcnas_jax import config as config_lib, pipeline, search  # noqa: E402
+from rcnas_jax import config as config_lib, pipeline, search, store  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.",
                                 lock_config=True)
@@ -75,17 +75,13 @@ def main(argv) -> None:
     config_lib.validate(config, num_devices=len(jax.devices()))
     workdir = os.path.join(flags.FLAGS.workdir, f"seed{seed}")
     os.makedirs(workdir, exist_ok=True)
-    shared = os.path.join(flags.FLAGS.workdir, "teachers")
-    if not os.path.exists(os.path.join(workdir, "teachers")):
-      os.makedirs(shared, exist_ok=True)
-      os.symlink(os.path.abspath(shared), os.path.join(workdir, "teachers"))
+    pipeline.claim_workdir(config, workdir)
     pipeline.enable_compilation_cache(os.path.join(flags.FLAGS.workdir, "jax_cache"))
-    timer = pipeline.PhaseTimer(os.path.join(workdir, "timings.json"))
+    timer = pipeline.PhaseTimer(os.path.join(workdir, "timings.json"), config)
     env, target = pipeline.environment(config, workdir, timer)
     results[seed] = compare(pipeline.search_phases(env, target, workdir, timer))
     print(table(results), flush=True)
-  with open(os.path.join(flags.FLAGS.workdir, "summary.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  store.write_json(os.path.join(flags.FLAGS.workdir, "summary.json"), results)
   sys.stdout.write("\n" + table(results) + "\n")
 
 

@@ -29,6 +29,16 @@ EXECUTION_ONLY = ("resume", "compilation_cache_dir", "dataset.data_dir", "datase
                   "distributed", "parallel", "attack.loop", "evaluation.loop",
                   "training.log_every_steps", "training.checkpoint_every_steps")
 
+# Fields that reach keys through a value derived from them rather than by name: which job and
+# which artifacts run (mode, the baselines), the task (its dataset, attack and budget), the
+# student's spec, the teacher's weights, the attacks that run, a phase's length (a longer run
+# of a phase extends a shorter one; fine-tuning keys on meta-training's length). The
+# gradient-masking checks (check_examples) are not cached: they run every time.
+INDIRECT = ("mode", "checkpoint", "dataset.name", "model.arch", "teacher.checkpoint_dir",
+            "search.target", "search.meta_updates", "search.finetune_updates",
+            "search.baselines", "evaluation.attacks", "evaluation.suite",
+            "evaluation.check_examples")
+
 # The splits of a dataset (and the model's normalisation, their statistics): `seed` carves
 # the validation split from train.
 DATA = ("seed", "dataset.validation_size", "dataset.max_train_examples",

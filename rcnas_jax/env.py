@@ -101,7 +101,15 @@ def threat_settings(task: Task) -> evaluate.AttackSettings:
   return evaluate.AttackSettings(a.name, a.eps, a.step_size, a.num_steps, a.norm)
 
 
-_inherit = jax.jit(inherit.inherit, static_argnums=(2, 3))  # One wrapper, one compile cache.
+@functools.partial(jax.jit, static_argnames=("model", "teacher_spec", "student_spec",
+                                             "image_shape"))
+def inherited(teacher_variables, key, *, model, teacher_spec, student_spec, image_shape):
+  """A student's initial variables: fresh, then the teacher's weights wherever shapes allow.
+
+  One program: run eagerly, the initialisation alone compiled ~100 tiny programs per student.
+  """
+  fresh = models.init(model, key, image_shape)
+  return inherit.inherit(teacher_variables, fresh, teacher_spec, student_spec)
 
 
 def train_student(env: Environment, task: Task, spec: arch.NetworkSpec, config, split,
@@ -115,8 +123,9 @@ def train_student(env: Environment, task: Task, spec: arch.NetworkSpec, config, 
   teacher_spec = arch.teacher(task.teacher)
   teacher_variables = env.teachers[(task.dataset, task.teacher)]
   model = models.build(spec, info.num_classes, info.mean, info.std, config.model.dtype)
-  fresh = models.init(model, jax.random.key(config.seed), info.image_shape)
-  initial = _inherit(teacher_variables, fresh, teacher_spec, spec)
+  initial = inherited(teacher_variables, jax.random.key(config.seed), model=model,
+                      teacher_spec=teacher_spec, student_spec=spec,
+                      image_shape=tuple(info.image_shape))
   teacher = None
   if config.training.distill_weight:
     teacher = (models.build(teacher_spec, info.num_classes, info.mean, info.std,
@@ -131,8 +140,8 @@ def train_student(env: Environment, task: Task, spec: arch.NetworkSpec, config, 
                                              "image_shape"))
 def _proxy_start(teacher_variables, key, *, model, tx, teacher_spec, student_spec, image_shape):
   """The student's train state, its weights inherited from the teacher."""
-  fresh = models.init(model, key, image_shape)
-  variables = inherit.inherit(teacher_variables, fresh, teacher_spec, student_spec)
+  variables = inherited(teacher_variables, key, model=model, teacher_spec=teacher_spec,
+                        student_spec=student_spec, image_shape=image_shape)
   return training.create_state(model, tx, key, image_shape, variables)
 
 

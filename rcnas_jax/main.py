@@ -58,9 +58,18 @@ def job(config, workdir: str) -> None:
           "run the same command again to resume")
 
 
+def _orbax_errors_in_one_line(record) -> bool:
+  """Keeps an Orbax error to its first line: the job's own `error:` line says what to do."""
+  if "/orbax/" in record.pathname:
+    record.msg, record.args = str(record.getMessage()).splitlines()[0][:300], ()
+    record.exc_info = record.exc_text = None
+  return True
+
+
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  logging.get_absl_handler().addFilter(_orbax_errors_in_one_line)
   preemption.install()
   # Multi-host runs join JAX's distributed runtime before any computation (see launch/).
   parallel.maybe_initialize_distributed(flags.FLAGS.config)

@@ -233,8 +233,8 @@ def _teacher_row(env, task: Task, workdir: str, mesh) -> dict:
   """The teacher itself, evaluated on the test split."""
   weights = env.teacher_weights[(task.dataset, task.teacher)]
   evaluation_key = artifacts.test_evaluation(env.config, task.dataset, weights)
-  path = os.path.join(workdir, "final", f"teacher-{task.dataset}-{task.teacher}",
-                      f"results-{evaluation_key}.json")
+  directory = os.path.join(workdir, "final", f"teacher-{task.dataset}-{task.teacher}")
+  path = os.path.join(directory, f"results-{evaluation_key}.json")
   done = store.read_json(path)
   if done is None:
     dataset = env.datasets[task.dataset]
@@ -242,8 +242,8 @@ def _teacher_row(env, task: Task, workdir: str, mesh) -> dict:
     spec = arch.teacher(task.teacher)
     model = models.build(spec, info.num_classes, info.mean, info.std)
     results = evaluate_on_test(env.config, model, env.teachers[(task.dataset, task.teacher)],
-                               dataset.test, mesh, path.replace("results-", "evaluation-")
-                               .replace(".json", ".jsonl"))
+                               dataset.test, mesh,
+                               os.path.join(directory, f"evaluation-{evaluation_key}.jsonl"))
     done = {"method": f"teacher ({task.teacher})", "spec": spec.to_dict(),
             **_describe(spec, info), "results": results, "evaluation": evaluation_key}
     store.write_json(path, done)

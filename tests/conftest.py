@@ -11,7 +11,8 @@ import jax  # noqa: E402  (after XLA_FLAGS, which jax reads once)
 import pytest  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(os.path.dirname(__file__), "..", ".cache", "jax"))
+                  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               ".cache", "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -31,3 +32,9 @@ def _loopback_only(self, address):
 def _no_network(monkeypatch):
   """Blocks every non-loopback socket connection during each test."""
   monkeypatch.setattr(socket.socket, "connect", _loopback_only)
+
+
+def pytest_collection_modifyitems(items):
+  """The longest group (the tiny search and its interruptions) starts first, beside the rest."""
+  first = lambda item: item.get_closest_marker("xdist_group") is None
+  items.sort(key=first)  # A stable sort: False (grouped) before True.

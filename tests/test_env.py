@@ -4,7 +4,7 @@ import jax
 import pytest
 
 from rcnas_jax import (arch, artifacts, config as config_lib, data, env as env_lib, models,
-                       parallel)
+                       parallel, store)
 from rcnas_jax.state import ProbeCache, Task, ThreatModel
 
 
@@ -85,3 +85,19 @@ def test_observation_of_a_task_is_cached(tmp_path):
   key = artifacts.probe(environment.config, task.key(),
                         environment.teacher_weights[("digits", "tiny-8")])
   assert list(ProbeCache(str(tmp_path / "probes.json")).entries) == [key]
+
+
+def test_a_diverged_student_is_a_failed_evaluation_and_no_nan_reaches_the_cache(tmp_path):
+  environment = _environment(tmp_path)
+  environment.config.search.proxy.learning_rate = 1e30
+  environment.config.training.grad_clip = 0.0
+  task = Task("digits", ThreatModel("pgd", 0.1, 2), "tiny-8", 200_000)
+  actions = tuple(arch.StageAction(0.5, 0.5, s > 0, False) for s in range(3))
+  result = env_lib.episode(environment, task, actions)
+  assert result["reward"] == -1.0 and not result["valid"]
+  assert result["reason"].startswith("proxy training diverged: non-finite loss at step ")
+  [record] = store.read_jsonl(str(tmp_path / "evaluations.jsonl"))
+  assert record["failed"] == result["reason"] and "robust_accuracy" not in record
+  assert "NaN" not in (tmp_path / "evaluations.jsonl").read_text()
+  again = env_lib.episode(environment, task, actions)  # Recorded once, never retrained.
+  assert again["cached"] and again["reason"] == result["reason"]

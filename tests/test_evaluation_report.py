@@ -1,6 +1,7 @@
 """mode='evaluate': an exported student in, RobustBench-style JSON and Markdown out, resumable."""
 
 import json
+import shutil
 
 import jax
 import pytest
@@ -67,3 +68,21 @@ def test_wrong_dataset_shape_is_one_line(student, tmp_path):
     json.dump(meta, f)
   with pytest.raises(config_lib.ConfigError, match="mnist5k images are"):
     pipeline.run(c, str(tmp_path))
+
+
+def test_a_missing_or_damaged_export_is_one_error_line(student, tmp_path):
+  from rcnas_jax import main
+  missing = _config(str(tmp_path / "nowhere"))
+  with pytest.raises(SystemExit) as stop:
+    main.job(missing, str(tmp_path / "a"))
+  assert str(stop.value.code) == (f"error: no exported student at {tmp_path / 'nowhere'} "
+                                  "(expected student.json and variables/)")
+  damaged = tmp_path / "damaged"
+  shutil.copytree(student, damaged)
+  for data_file in [p for p in (damaged / "variables").rglob("*") if p.is_file()]:
+    data_file.write_bytes(b"")
+  with pytest.raises(SystemExit) as stop:
+    main.job(_config(str(damaged)), str(tmp_path / "b"))
+  message = str(stop.value.code)
+  assert message.startswith(f"error: the exported student at {damaged} is damaged: variables/")
+  assert "\n" not in message

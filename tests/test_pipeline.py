@@ -2,10 +2,14 @@
 
 import json
 import pathlib
+import random
+import shutil
+import signal
 import subprocess
 import sys
 import time
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -70,49 +74,165 @@ def _tiny_search_config():
   c.search.proxy.update(epochs=1, train_examples=64, validation_examples=32, batch_size=32,
                         attack_steps=1)
   c.search.policy.hidden = 8
-  c.evaluation.update(eps=0.1, pgd_steps=2, cw_steps=2, max_examples=32, batch_size=32,
-                      attacks=("clean", "fgsm", "pgd", "cw"))
+  # Two attacks: every new student compiles each of them, and the tests run this search often.
+  c.evaluation.update(eps=0.1, pgd_steps=2, max_examples=32, batch_size=32,
+                      attacks=("clean", "pgd"))
   return c
 
 
-@pytest.mark.slow
-def test_search_pipeline_reports_every_method_and_resumes_to_the_same_report(tmp_path):
+# The search tests share one uninterrupted run (on one xdist worker: the `pipeline` group), and
+# the test processes' compilation cache (conftest.py), so reruns and the interrupted runs in
+# subprocesses load their programs from it.
+COMPILATION_CACHE = str(ROOT / ".cache" / "jax")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The tiny search run once without interruption: (config, workdir, report)."""
+  root = tmp_path_factory.mktemp("search")
   c = _tiny_search_config()
-  first = pipeline.run(c, str(tmp_path))
+  c.compilation_cache_dir = COMPILATION_CACHE
+  return c, root / "run", pipeline.run(c, str(root / "run"))
+
+
+def _as_json(value):
+  return json.loads(json.dumps(value))
+
+
+def _untimed(report: dict) -> dict:
+  """The report's rows and search statistics without the attacks' timings."""
+  rows = [{**row, "results": {name: {k: v for k, v in r.items() if k != "seconds"}
+                              for name, r in row["results"].items()}}
+          for row in _as_json(report["rows"])]
+  return {"rows": rows, "search": report["search"]}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("pipeline")
+def test_search_pipeline_reports_every_method_and_resumes_to_the_same_report(uninterrupted):
+  c, workdir, first = uninterrupted
   methods = [row["method"] for row in first["rows"]]
   assert methods[0] == "teacher (tiny-8)" and methods[1] == "hand-scaled RobustResNet"
   assert set(methods[2:]) <= {"random search", "R-NAS", "RC-NAS"} and "RC-NAS" in methods
   for row in first["rows"]:
-    assert set(row["results"]) == {"clean", "fgsm", "pgd", "cw"}
+    assert set(row["results"]) == {"clean", "pgd"}
     assert row["results"]["pgd"]["accuracy"] <= row["results"]["clean"]["accuracy"]
   assert first["search"]["finetune"]["evaluations"] == 2
   assert first["search"]["meta"]["evaluations"] == 2
   for name in ("report.md", "report.json", "rewards.png", "accuracy_vs_macs.png",
-               "topology.png", "export/student.json", "evaluations.jsonl"):
-    assert (tmp_path / name).exists(), name
-  student = rcnas_jax.load_student(str(tmp_path / "export"))
+               "topology.png", "export/student.json", "evaluations.jsonl", "config.json"):
+    assert (workdir / name).exists(), name
+  assert json.loads((workdir / "report.json").read_text())["config"] == _as_json(c.to_dict())
+  student = rcnas_jax.load_student(str(workdir / "export"))
   rc_nas = next(r for r in first["rows"] if r["method"] == "RC-NAS")
   assert student.spec == arch.spec_from_dict(rc_nas["spec"])
   assert student.predict(np.zeros((2, 8, 8, 1), np.uint8)).shape == (2, 10)
   # A second run finds every phase finished and rebuilds the same report.
-  second = pipeline.run(c, str(tmp_path))
-  as_json = lambda value: json.loads(json.dumps(value))
-  assert as_json(second["rows"]) == as_json(first["rows"])
+  second = pipeline.run(c, str(workdir))
+  assert _as_json(second["rows"]) == _as_json(first["rows"])
   assert second["search"] == first["search"]
-  # A run killed (SIGKILL) in the middle of meta-training finishes with the same report.
-  killed = tmp_path / "killed"
-  run = ("import sys; sys.path.insert(0, 'tests'); import test_pipeline as t; "
-         "from rcnas_jax import pipeline; pipeline.run(t._tiny_search_config(), sys.argv[1])")
-  process = subprocess.Popen([sys.executable, "-c", run, str(killed)], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  evaluations = killed / "evaluations.jsonl"
-  while process.poll() is None and not (evaluations.exists() and evaluations.stat().st_size):
-    time.sleep(0.1)
-  process.kill()
-  assert process.wait() != 0 and not (killed / "report.json").exists()
-  resumed = pipeline.run(c, str(killed))
-  untimed = lambda rows: [{**row, "results": {name: {k: v for k, v in r.items() if k != "seconds"}
-                                              for name, r in row["results"].items()}}
-                          for row in as_json(rows)]
-  assert untimed(resumed["rows"]) == untimed(first["rows"])
-  assert resumed["search"] == first["search"]
+
+
+CONFIG_FILE = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_pipeline
+
+
+def get_config():
+  c = test_pipeline._tiny_search_config()
+  c.compilation_cache_dir = {cache!r}
+  return c
+"""
+
+
+def _moments(workdir: pathlib.Path) -> list[tuple[str, callable, signal.Signals]]:
+  """Where to interrupt a run: an event in each phase (a file appears), and the signal."""
+  has = lambda pattern: lambda: bool(list(workdir.glob(pattern)))
+  lines = lambda name: lambda: (workdir / name).exists() and (workdir / name).stat().st_size > 0
+  return [("teacher training", has("teachers/*/metrics.jsonl"), signal.SIGKILL),
+          ("meta-training", lines("evaluations.jsonl"), signal.SIGTERM),
+          ("the baselines", has("search/rnas-*/checkpoints"), signal.SIGKILL),
+          ("the final trainings", has("final/d*/checkpoints/*"), signal.SIGKILL)]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("pipeline")
+def test_kills_and_a_sigterm_across_the_phases_leave_the_uninterrupted_report(uninterrupted,
+                                                                              tmp_path):
+  c, _, reference = uninterrupted
+  seed = random.randrange(10_000)
+  rng = random.Random(seed)
+  config_file = tmp_path / "tiny.py"
+  config_file.write_text(CONFIG_FILE.format(tests=str(ROOT / "tests"),
+                                            cache=c.compilation_cache_dir))
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-m", "rcnas_jax.main", f"--config={config_file}",
+             f"--workdir={workdir}"]
+  interrupted = []
+  for phase, happened, sig in _moments(workdir):
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    while process.poll() is None and not happened():
+      time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.5))  # A random moment after the event.
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=600)
+    if sig == signal.SIGKILL and process.returncode == -signal.SIGKILL:
+      interrupted.append(phase)
+    elif sig == signal.SIGTERM and process.returncode == 0 and "stopped by SIGTERM" in out:
+      interrupted.append(phase)
+      assert out.strip().splitlines()[-1].endswith(
+          f"everything finished is saved in {workdir}: run the same command again to resume")
+    else:  # The run finished before the signal, or failed.
+      assert process.returncode == 0 and "Traceback" not in err, (seed, phase, err[-3000:])
+    assert not (workdir / "report.json").exists() or phase not in interrupted
+  assert len(interrupted) >= 3, (seed, interrupted)
+  finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  resumed = json.loads((workdir / "report.json").read_text())
+  assert _untimed(resumed) == _untimed(reference), (seed, interrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("pipeline")
+def test_a_rerun_with_other_settings_reuses_what_they_share_and_strict_stops(uninterrupted,
+                                                                             tmp_path):
+  c, reference_dir, reference = uninterrupted
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_dir, workdir)
+  listing = lambda pattern: sorted(str(p.relative_to(workdir)) for p in workdir.glob(pattern))
+  reused = ("teachers/*/checkpoints/*", "search/*/checkpoints/*", "final/*/checkpoints/*",
+            "evaluations.jsonl", "probes.json")
+  before = {p: listing(p) for p in reused}
+  evaluations = (workdir / "evaluations.jsonl").read_text()
+  changed = ml_collections.ConfigDict(c.to_dict())
+  changed.evaluation.eps = 0.05
+  changed.evaluation.pgd_steps = 3
+  strict = ml_collections.ConfigDict(changed.to_dict())
+  strict.resume = "strict"
+  with pytest.raises(config_lib.ConfigError) as error:
+    pipeline.run(strict, str(workdir))
+  assert str(error.value) == (
+      f"config.resume='strict': {workdir} was made with other settings: evaluation.eps (0.1 -> "
+      "0.05), evaluation.pgd_steps (2 -> 3) (use another workdir, or resume='auto' to reuse "
+      "what they share)")
+  assert listing("**/*") == sorted(str(p.relative_to(reference_dir))
+                                   for p in reference_dir.glob("**/*"))  # Nothing touched.
+  report = pipeline.run(changed, str(workdir))
+  # Reused: teachers, proxy evaluations, search phases and final trainings, untouched.
+  assert {p: listing(p) for p in reused} == before
+  assert (workdir / "evaluations.jsonl").read_text() == evaluations
+  assert [r["training"] for r in report["rows"][1:]] == [
+      r["training"] for r in reference["rows"][1:]]
+  # Recomputed: every test-split evaluation, under the new attack.
+  for new, old in zip(report["rows"], reference["rows"]):
+    assert new["evaluation"] != old["evaluation"]
+    assert new["results"]["pgd"]["attack"].startswith("PGD-3 (CE, L-inf eps=0.05 (12.8/255)")
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["evaluation"]["eps"] == 0.05 and saved["evaluation"]["pgd_steps"] == 3
+  assert json.loads((workdir / "report.json").read_text())["config"] == saved
+  assert "PGD-3 (CE, L-inf eps=0.05" in (workdir / "report.md").read_text()
+  exported = json.loads((workdir / "export" / "metrics.json").read_text())
+  assert exported["evaluation"] == next(r for r in report["rows"]
+                                        if r["method"] == "RC-NAS")["evaluation"]

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from rcnas_jax import (arch, attacks, config as config_lib, data, metrics, models, parallel,
-                       training)
+                       preemption, training)
 
 SPEC = arch.NetworkSpec(stages=(arch.StageSpec(1, 8, 1), arch.StageSpec(1, 16, 2)))
 
@@ -173,6 +173,72 @@ def test_resume_after_a_stop_is_bit_identical(tmp_path, digits):
   assert int(stopped["step"]) == 5
   resumed = train(str(tmp_path / "resumed"))
   assert int(resumed["step"]) == int(straight["step"]) == 2 * 4
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_truncated_newest_checkpoint_falls_back_and_ends_bit_identical(tmp_path, digits,
+                                                                          caplog):
+  c = _tiny_config(method="standard", checkpoint_every_steps=3)
+  mesh = parallel.data_mesh(jax.devices()[:2])
+  model = models.build(SPEC, 10, digits.info.mean, digits.info.std)
+  train = functools.partial(training.train, model, digits.train, (8, 8, 1), c, str(tmp_path),
+                            mesh, progress=False)
+  straight = train()
+  newest = tmp_path / "checkpoints" / "8"
+  data_file = max((p for p in newest.rglob("*") if p.is_file() and p.parent.name == "d"),
+                  key=lambda p: p.stat().st_size)
+  data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+  again = train()  # Warns, restores step 6, and trains steps 7 and 8 again.
+  assert "checkpoint 8" in caplog.text and "falling back" in caplog.text
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_non_finite_loss_stops_at_its_step_and_is_never_checkpointed(tmp_path, digits):
+  c = _tiny_config(method="standard", learning_rate=1e30, grad_clip=0.0, log_every_steps=3,
+                   checkpoint_every_steps=1)
+  mesh = parallel.data_mesh(jax.devices()[:1])
+  model = models.build(SPEC, 10, digits.info.mean, digits.info.std)
+  with pytest.raises(training.TrainingDiverged) as error:
+    training.train(model, digits.train, (8, 8, 1), c, str(tmp_path), mesh, progress=False)
+  # The same steps, taken one by one here: the first non-finite loss is the one reported.
+  tx = training.optimizer(c.training, 8)
+  state = training.create_state(model, tx, jax.random.split(jax.random.key(0))[0], (8, 8, 1))
+  step = jax.jit(functools.partial(training.train_step, model=model, tx=tx,
+                                   settings=training.settings_from_config(c)))
+  first_bad = None
+  for i in range(8):
+    images, labels = data.batch_at(digits.train, 16, seed=0, step=i)
+    state, step_metrics = step(state, images, labels, jax.random.split(jax.random.key(0))[1],
+                               None)
+    if not np.isfinite(float(step_metrics["loss"])):
+      first_bad = i + 1
+      break
+  assert first_bad is not None
+  assert str(error.value) == f"training diverged: non-finite loss at step {first_bad}"
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert all(s < first_bad for s in saved)  # No checkpoint holds the diverged state.
+
+
+def test_sigterm_saves_a_checkpoint_stops_and_resumes_bit_identically(tmp_path, digits,
+                                                                    monkeypatch):
+  c = _tiny_config(method="standard", checkpoint_every_steps=100)
+  mesh = parallel.data_mesh(jax.devices()[:2])
+  model = models.build(SPEC, 10, digits.info.mean, digits.info.std)
+  train = lambda d: training.train(model, digits.train, (8, 8, 1), c, str(d), mesh,
+                                   progress=False)
+  straight = train(tmp_path / "straight")
+  polls = []
+  monkeypatch.setattr(preemption, "requested", lambda: polls.append(1) or len(polls) > 6)
+  monkeypatch.setattr(preemption, "check", lambda where: (_ for _ in ()).throw(
+      preemption.Stopped(where)) if preemption.requested() else None)
+  with pytest.raises(preemption.Stopped, match=r"training at step \d of 8"):
+    train(tmp_path / "stopped")
+  monkeypatch.undo()
+  saved = [p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(saved) == 1 and 0 < int(saved[0]) < 8  # Saved where the request arrived.
+  resumed = train(tmp_path / "stopped")
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
