@@ -41,10 +41,13 @@ def manager(directory: str, keep: int = 2) -> ocp.CheckpointManager:
 
 def _failed(mngr: ocp.CheckpointManager, error: Exception) -> CheckpointError:
   """The one-line error of a failed save: where, why, and the last good checkpoint."""
-  cause = error
-  while cause is not None and not isinstance(cause, OSError):
+  chain, cause = [], error
+  while cause is not None and len(chain) < 20:
+    chain.append(cause)
     cause = cause.__cause__ or cause.__context__
-  if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+  # TensorStore reports a full disk as RESOURCE_EXHAUSTED text, Python as errno ENOSPC.
+  if any(getattr(e, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(e)
+         or "RESOURCE_EXHAUSTED" in str(e) for e in chain):
     reason = "the disk is full"
   else:
     reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"

@@ -35,6 +35,9 @@ def _no_network(monkeypatch):
 
 
 def pytest_collection_modifyitems(items):
-  """The longest group (the tiny search and its interruptions) starts first, beside the rest."""
-  first = lambda item: item.get_closest_marker("xdist_group") is None
-  items.sort(key=first)  # A stable sort: False (grouped) before True.
+  """Tests marked `long` (the tiny search and its interruptions) start first, beside the rest.
+
+  `make test` distributes whole files (--dist loadfile), so the file of a long test, with its
+  module fixtures, stays on one worker while the other runs the rest.
+  """
+  items.sort(key=lambda item: item.get_closest_marker("long") is None)  # Stable: long first.

@@ -67,9 +67,10 @@ def _tiny_search_config():
   c.attack.update(eps=0.1, step_size=0.05, num_steps=1, loop="rolled")
   c.training.update(epochs=1, batch_size=32, learning_rate=0.05, log_every_steps=4)
   c.teacher.epochs = 1
+  # R-NAS is fine-tuning from the fresh policy: the same code, covered by the search tests.
   c.search.update(datasets=("digits",), attacks=("fgsm",), teachers=("tiny-8",),
                   students_per_update=2, meta_updates=1, finetune_updates=1, probe_size=16,
-                  lipschitz_iterations=5)
+                  lipschitz_iterations=5, baselines=("random",))
   c.search.target.update(dataset="digits", attack="pgd-2", teacher="tiny-8", budget_fraction=0.5)
   c.search.proxy.update(epochs=1, train_examples=64, validation_examples=32, batch_size=32,
                         attack_steps=1)
@@ -80,9 +81,9 @@ def _tiny_search_config():
   return c
 
 
-# The search tests share one uninterrupted run (on one xdist worker: the `pipeline` group), and
-# the test processes' compilation cache (conftest.py), so reruns and the interrupted runs in
-# subprocesses load their programs from it.
+# The search tests share one uninterrupted run (a module fixture: `make test` keeps a file on one
+# worker), and the test processes' compilation cache (conftest.py), so reruns and the
+# interrupted runs in subprocesses load their programs from it.
 COMPILATION_CACHE = str(ROOT / ".cache" / "jax")
 
 
@@ -108,12 +109,12 @@ def _untimed(report: dict) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("pipeline")
+@pytest.mark.long
 def test_search_pipeline_reports_every_method_and_resumes_to_the_same_report(uninterrupted):
   c, workdir, first = uninterrupted
-  methods = [row["method"] for row in first["rows"]]
-  assert methods[0] == "teacher (tiny-8)" and methods[1] == "hand-scaled RobustResNet"
-  assert set(methods[2:]) <= {"random search", "R-NAS", "RC-NAS"} and "RC-NAS" in methods
+  assert [row["method"] for row in first["rows"]] == [
+      "teacher (tiny-8)", "hand-scaled RobustResNet", "random search", "RC-NAS"]
+  assert list(first["search"]) == ["meta", "finetune", "random"]
   for row in first["rows"]:
     assert set(row["results"]) == {"clean", "pgd"}
     assert row["results"]["pgd"]["accuracy"] <= row["results"]["clean"]["accuracy"]
@@ -152,12 +153,12 @@ def _moments(workdir: pathlib.Path) -> list[tuple[str, callable, signal.Signals]
   lines = lambda name: lambda: (workdir / name).exists() and (workdir / name).stat().st_size > 0
   return [("teacher training", has("teachers/*/metrics.jsonl"), signal.SIGKILL),
           ("meta-training", lines("evaluations.jsonl"), signal.SIGTERM),
-          ("the baselines", has("search/rnas-*/checkpoints"), signal.SIGKILL),
+          ("fine-tuning and random search", has("search/random-*/checkpoints"), signal.SIGKILL),
           ("the final trainings", has("final/d*/checkpoints/*"), signal.SIGKILL)]
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("pipeline")
+@pytest.mark.long
 def test_kills_and_a_sigterm_across_the_phases_leave_the_uninterrupted_report(uninterrupted,
                                                                               tmp_path):
   c, _, reference = uninterrupted
@@ -195,7 +196,7 @@ def test_kills_and_a_sigterm_across_the_phases_leave_the_uninterrupted_report(un
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("pipeline")
+@pytest.mark.long
 def test_a_rerun_with_other_settings_reuses_what_they_share_and_strict_stops(uninterrupted,
                                                                              tmp_path):
   c, reference_dir, reference = uninterrupted
