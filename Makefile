@@ -34,7 +34,7 @@ evaluate: $(STAMP)
 	    --config.checkpoint=$(WORKDIR)/export --workdir=$(WORKDIR)/evaluation
 
 test: $(REFERENCE_STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -q
+	$(PY) -m pytest -n 2 -q
 
 clean:
 	rm -rf $(VENV) workdir .cache .pytest_cache

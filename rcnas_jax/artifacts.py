@@ -130,11 +130,6 @@ def key(artifact: str, config=None, groups: Iterable[str] = (), **inputs) -> str
                  **inputs})
 
 
-def result_fields(config) -> dict[str, Any]:
-  """Every field that can change a result: all but EXECUTION_ONLY."""
-  return {f: v for f, v in flatten(config.to_dict()).items() if not _within(f, EXECUTION_ONLY)}
-
-
 def changed_fields(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
   """'field (old -> new)' for every result field that differs between two flat configs."""
   changes = []

@@ -17,6 +17,7 @@ import time
 import jax
 import ml_collections
 import optax
+from jax.experimental import multihost_utils
 
 from rcnas_jax import (arch, artifacts, compilation, config as config_lib, data, env as env_lib,
                        evaluate, evaluation_report, export, models, parallel, report, search,
@@ -253,12 +254,15 @@ def _teacher_row(env, task: Task, workdir: str, mesh) -> dict:
 class PhaseTimer:
   """Wall time and compilations of each phase, from the run of this config that first did it.
 
-  The file is keyed by the config's result fields: a run with other settings starts afresh.
+  The file is keyed by every field but `resume` (how a run computes changes its timings too):
+  a run with other settings starts afresh.
   """
 
   def __init__(self, path: str, config: ml_collections.ConfigDict):
     self.path = path
-    self.config = artifacts.digest(artifacts.result_fields(config))
+    fields = artifacts.flatten(config.to_dict())
+    self.config = artifacts.digest({f: v for f, v in fields.items()
+                                    if f != "resume" and not f.startswith("distributed.")})
     saved = store.read_json(path, {})
     if saved.get("config") != self.config:
       saved = {}
@@ -367,6 +371,8 @@ def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """
   path = os.path.join(workdir, "config.json")
   previous = store.read_json(path)
+  if jax.process_count() > 1:  # Every process reads the old config before process 0 replaces it.
+    multihost_utils.sync_global_devices("claim_workdir")
   changes = artifacts.changed_fields(artifacts.flatten(previous),
                                      artifacts.flatten(config.to_dict())) if previous else []
   if changes and config.resume == "strict":

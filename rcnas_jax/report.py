@@ -38,6 +38,8 @@ def markdown(report: dict) -> str:
   for phase, stats in report["search"].items():
     lines.append(f"| {PHASE_LABELS[phase]} | {stats['evaluations']} | "
                  f"{stats['best_reward']:.4f} | {stats['evaluations_to_best']} |")
+  lines += ["", "The settings of this run are `config.json` beside this file (and report.json's "
+            "`config`)."]
   lines += ["", "Wall time per phase (s): " + ", ".join(
       f"{k} {v}" for k, v in report["timings"].items())]
   if report.get("compiles"):

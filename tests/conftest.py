@@ -35,9 +35,5 @@ def _no_network(monkeypatch):
 
 
 def pytest_collection_modifyitems(items):
-  """Tests marked `long` (the tiny search and its interruptions) start first, beside the rest.
-
-  `make test` distributes whole files (--dist loadfile), so the file of a long test, with its
-  module fixtures, stays on one worker while the other runs the rest.
-  """
+  """Tests marked `long` (the tiny search and its interruptions) start first, beside the rest."""
   items.sort(key=lambda item: item.get_closest_marker("long") is None)  # Stable: long first.
