@@ -27,7 +27,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from rcnas_jax import checkpoint  # noqa: E402
 
@@ -89,6 +89,7 @@ def measure(threads: int, asynchronous: bool) -> tuple[float, float]:
 
 def main(argv) -> None:
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   measure(1, True)  # Warm-up: compiles and the first Orbax handlers.
   rows = [("one thread, asynchronous (reference)", *measure(1, True)),
           ("two threads, asynchronous, lock (ours)", *measure(2, True)),
