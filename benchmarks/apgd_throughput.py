@@ -23,7 +23,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchattacks  # noqa: E402
 
-from rcnas_jax import arch, attacks, models, parallel, torch_export  # noqa: E402
+from rcnas_jax.nets import arch, models, torch_export  # noqa: E402
+from rcnas_jax.robust import attacks  # noqa: E402
+from rcnas_jax.runtime import parallel  # noqa: E402
 
 EPS = 8 / 255
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from rcnas_jax import checkpoint  # noqa: E402
+from rcnas_jax.runtime import checkpoint  # noqa: E402
 
 flags.DEFINE_integer("params", 2_700_000, "Parameters of the trained network (WRN-16-4: 2.7M).")
 flags.DEFINE_integer("saves", 20, "Checkpoints per thread.")

@@ -24,7 +24,10 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from rcnas_jax import config as config_lib, pipeline, search, store  # noqa: E402
+from rcnas_jax import config as config_lib, pipeline  # noqa: E402
+from rcnas_jax.rl import search  # noqa: E402
+from rcnas_jax.rl.env import Episode  # noqa: E402
+from rcnas_jax.runtime import store  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.",
                                 lock_config=True)
@@ -33,14 +36,14 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Search seeds.")
 flags.mark_flags_as_required(["config"])
 
 
-def evaluations_to_reach(episodes: list[dict], reward: float) -> int | None:
+def evaluations_to_reach(episodes: list[Episode], reward: float) -> int | None:
   """How many evaluations the phase needed to first reach `reward` (None: never)."""
-  return next((i + 1 for i, e in enumerate(episodes) if e["reward"] >= reward), None)
+  return next((i + 1 for i, e in enumerate(episodes) if e.reward >= reward), None)
 
 
-def compare(phases: dict[str, list[dict]]) -> dict:
+def compare(phases: dict[str, list[Episode]]) -> dict:
   """Best reward and evaluations to it for RC-NAS and R-NAS, and to the other's best."""
-  best = {name: max(e["reward"] for e in phases[name]) for name in ("finetune", "rnas")}
+  best = {name: max(e.reward for e in phases[name]) for name in ("finetune", "rnas")}
   other = {"finetune": "rnas", "rnas": "finetune"}
   return {name: {"best_reward": best[name],
                  "evaluations_to_best": search.evaluations_to_best(phases[name]),

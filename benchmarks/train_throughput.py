@@ -17,7 +17,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rcnas_jax import arch, config as config_lib, models, parallel, training  # noqa: E402
+from rcnas_jax import config as config_lib  # noqa: E402
+from rcnas_jax.nets import arch, models  # noqa: E402
+from rcnas_jax.robust import attacks, training  # noqa: E402
+from rcnas_jax.runtime import parallel  # noqa: E402
 
 
 def images_per_second(mesh, spec, batch_size: int, steps: int, settings) -> float:
@@ -47,8 +50,10 @@ def main():
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--attack_steps", type=int, default=10)
   args = parser.parse_args()
-  settings = training.TrainSettings(method="trades", num_steps=args.attack_steps,
-                                    unroll=training.unroll_attack_loops("auto"))
+  settings = training.TrainSettings(
+      method="trades", attack=attacks.ThreatModel("pgd", eps=8 / 255, step_size=2 / 255,
+                                                  num_steps=args.attack_steps),
+      unroll=training.unroll_attack_loops("auto"))
   spec = arch.teacher(args.arch)
   print(f"{args.arch}, batch {args.batch_size}, TRADES with PGD-{args.attack_steps}, "
         f"{jax.default_backend()}, unrolled={settings.unroll}")

@@ -2,12 +2,15 @@
 
   python -m rcnas_jax.main --config=configs/cifar100.py --workdir=runs/cifar100
 
-The same search as configs/cifar10.py (buffers, teachers, budgets, proxy, expected cost), with
+The search of configs/cifar10.py (buffers, teachers, budgets, proxy, expected cost), with
 CIFAR-100 as the held-out target: (CIFAR-100, PGD-20, WRN-34-10, 5 GMACs).
 """
+
+import pathlib
 
 from rcnas_jax import config as config_lib
 
 
 def get_config():
-  return config_lib.paper_search(config_lib.base_config(), "cifar100")
+  cifar10 = config_lib.load_file(pathlib.Path(__file__).with_name("cifar10.py"))
+  return cifar10.get_config(target_dataset="cifar100")

@@ -44,7 +44,10 @@ def tiny_config(args: argparse.Namespace):
 
 def train_tiny(config, mesh, steps: int, workdir: str = "") -> dict:
   """The trained parameters (as numpy, on every process) after `steps` steps."""
-  from rcnas_jax import arch, data, models, parallel, training
+  from rcnas_jax import data
+  from rcnas_jax.nets import arch, models
+  from rcnas_jax.robust import training
+  from rcnas_jax.runtime import parallel
   spec = arch.NetworkSpec(stages=(arch.StageSpec(1, 8, 1), arch.StageSpec(1, 16, 2)))
   dataset = data.load("digits", max_train_examples=64)
   model = models.build(spec, 10, dataset.info.mean, dataset.info.std)
@@ -67,7 +70,7 @@ def main(argv=None) -> None:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.cpu_devices}"
   import jax
   import numpy as np
-  from rcnas_jax import parallel
+  from rcnas_jax.runtime import parallel
   config = tiny_config(args)
   started = parallel.maybe_initialize_distributed(config)
   mesh = parallel.mesh_from_config(config)

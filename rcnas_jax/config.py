@@ -9,22 +9,24 @@ allowed. A new field is declared in FIELDS with a rule, so it is checked from th
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import pathlib
+import types
 from typing import Any
 
 import ml_collections
 
-from rcnas_jax import arch, data
+from rcnas_jax import data
+from rcnas_jax.nets import arch
+from rcnas_jax.robust import attacks
+from rcnas_jax.runtime import parallel
 
 MODES = ("search", "train", "evaluate")
 RESUME = ("auto", "strict")
 TRAINING_METHODS = ("standard", "pgd_at", "trades")
 SCHEDULES = ("step", "cosine", "constant")
 ATTACK_LOOPS = ("auto", "unrolled", "rolled")
-NORMS = ("linf", "l2")
-TASK_ATTACK_FORMS = "clean, fgsm, pgd-<steps>, cw-<steps> or apgd-<steps>"
-EVALUATION_ATTACKS = ("clean", "fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "square",
-                      "aa-lite")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -107,12 +109,12 @@ class Text:
 
 
 def task_attack(name) -> bool:
-  """Whether `name` is 'clean', 'fgsm', 'pgd-<steps>', 'cw-<steps>' or 'apgd-<steps>'."""
-  if not isinstance(name, str):
+  """Whether `name` is a task's attack (attacks.TASK_ATTACK_FORMS)."""
+  try:
+    attacks.parse_task_attack(name, eps=0.0)
+  except ValueError:
     return False
-  kind, _, steps = name.partition("-")
-  return (kind in ("clean", "fgsm") and not steps) or (
-      kind in ("pgd", "cw", "apgd") and steps.isdigit() and int(steps) > 0)
+  return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +122,7 @@ class TaskAttack:
   """A task's attack name."""
 
   def expected(self, value) -> str:
-    return "" if task_attack(value) else TASK_ATTACK_FORMS
+    return "" if task_attack(value) else attacks.TASK_ATTACK_FORMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +138,7 @@ class Names:
     if isinstance(value, (tuple, list)) and (value or self.allow_empty) and all(
         map(ok_name, value)):
       return ""
-    names = TASK_ATTACK_FORMS if self.options is None else ", ".join(self.options)
+    names = attacks.TASK_ATTACK_FORMS if self.options is None else ", ".join(self.options)
     return f"a {'' if self.allow_empty else 'non-empty '}tuple of {names}"
 
 
@@ -271,7 +273,7 @@ FIELDS: tuple[Field, ...] = (
     F("attack.eps", 8 / 255, Real(), "Radius of the training attack."),
     F("attack.step_size", 2 / 255, Real(), "Its step."),
     F("attack.num_steps", 10, Integer(positive=True), "Its steps."),
-    F("attack.norm", "linf", Choice(NORMS), "'linf' or 'l2'."),
+    F("attack.norm", "linf", Choice(attacks.NORMS), "'linf' or 'l2'."),
     F("attack.loop", "auto", Choice(ATTACK_LOOPS),
       "'unrolled' writes attack steps out (faster on XLA:CPU); 'rolled' uses lax.fori_loop "
       "(faster compiles, fine on GPU/TPU); 'auto' unrolls on CPU only."),
@@ -305,11 +307,11 @@ FIELDS: tuple[Field, ...] = (
     # point-wise worst case of APGD-CE, APGD-T and Square, each on the points still robust,
     # reusing those of the three that are also listed.
     F("evaluation.attacks", ("clean", "fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "aa-lite"),
-      Names(EVALUATION_ATTACKS), "Run in mode='train' and in the search's final report."),
-    F("evaluation.suite", (), Names(EVALUATION_ATTACKS, allow_empty=True),
+      Names(attacks.EVALUATION_ATTACKS), "Run in mode='train' and in the search's final report."),
+    F("evaluation.suite", (), Names(attacks.EVALUATION_ATTACKS, allow_empty=True),
       "mode='evaluate' runs these (() = evaluation.attacks)."),
     F("evaluation.eps", 8 / 255, Real(), "The evaluation radius."),
-    F("evaluation.norm", "linf", Choice(NORMS), "'linf' or 'l2'."),
+    F("evaluation.norm", "linf", Choice(attacks.NORMS), "'linf' or 'l2'."),
     F("evaluation.pgd_steps", 20, Integer(positive=True), "PGD's steps."),
     F("evaluation.pgd_step_size", 0.8 / 255, Real(), "PGD's step."),
     F("evaluation.cw_steps", 40, Integer(positive=True), "CW's steps (margin loss)."),
@@ -346,33 +348,12 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def paper_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The paper's full training (METHOD §6): TRADES beta 6, 100 epochs, eps 8/255, 10 x 2/255."""
-  c.attack.update(eps=8 / 255, step_size=2 / 255, num_steps=10, norm="linf")
-  c.training.update(method="trades", trades_beta=6.0, epochs=100, batch_size=128,
-                    learning_rate=0.1, momentum=0.9, weight_decay=2e-4, schedule="step",
-                    decay_points=(0.75, 0.9), grad_clip=5.0)
-  c.evaluation.update(eps=8 / 255, pgd_steps=20, cw_steps=40)
-  c.dataset.update(crop_padding=4, flip=True, validation_size=1000)
-  return c
-
-
-def paper_search(c: ml_collections.ConfigDict, target_dataset: str) -> ml_collections.ConfigDict:
-  """The paper-scale search: WRN teachers, CIFAR-10/100 buffers, a 5-GMAC held-out target."""
-  c = paper_recipe(c)
-  c.mode = "search"
-  c.dataset.name = target_dataset
-  c.model.arch = "WRN-34-10"  # mode='train' only.
-  c.teacher.epochs = 100
-  c.search.update(datasets=("cifar10", "cifar100"), attacks=("fgsm", "pgd-10", "cw-20"),
-                  teachers=("WRN-28-10", "WRN-34-10", "WRN-46-14", "WRN-70-16"),
-                  budget_range=(0.1, 0.6), students_per_update=5, meta_updates=20,
-                  finetune_updates=10, probe_size=256)
-  c.search.target.update(dataset=target_dataset, attack="pgd-20", teacher="WRN-34-10",
-                         budget_macs=5_000_000_000)
-  c.search.proxy.update(epochs=5, train_examples=10_000, validation_examples=1000,
-                        batch_size=128, learning_rate=0.1, attack_steps=5)
-  return c
+def load_file(path) -> types.ModuleType:
+  """The config file at `path` as a module, so that a config can start from another one."""
+  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +408,8 @@ def _validate_relations(config, num_devices: int, num_processes: int) -> None:
   if config.parallel.candidates > 1 and num_processes > 1:
     _fail("parallel.candidates", config.parallel.candidates,
           f"0 (auto) or 1 with {num_processes} processes: slices live within one process")
-  slice_size = num_devices // candidate_slices(config, num_devices, num_processes)
+  slice_size = num_devices // parallel.candidate_slices(
+      config.parallel.candidates, s.students_per_update, num_devices, num_processes)
   if config.mode == "search" and s.proxy.batch_size % slice_size:
     _fail("search.proxy.batch_size", s.proxy.batch_size,
           f"a multiple of the {slice_size} devices of a slice")
@@ -436,19 +418,6 @@ def _validate_relations(config, num_devices: int, num_processes: int) -> None:
     _fail("distributed.coordinator_address", dist.coordinator_address, "'' or host:port")
   if dist.num_processes and dist.process_id >= dist.num_processes:
     _fail("distributed.process_id", dist.process_id, f"-1 or a number < {dist.num_processes}")
-
-
-def candidate_slices(config: ml_collections.ConfigDict, num_devices: int,
-                     num_processes: int = 1) -> int:
-  """How many students of one update are evaluated concurrently (config.parallel.candidates).
-
-  Auto: gcd(M, devices) in one process; 1 across processes, where every program spans all.
-  """
-  if config.parallel.candidates:
-    return config.parallel.candidates
-  if num_processes > 1:
-    return 1
-  return math.gcd(config.search.students_per_update, num_devices)
 
 
 def _host_port(address: str) -> bool:

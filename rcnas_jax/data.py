@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import glob
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 
@@ -120,19 +120,6 @@ def steps_per_epoch(split: Split, batch_size: int) -> int:
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   return len(split) // batch_size
-
-
-def batches(
-    split: Split, batch_size: int, *, seed: int, epoch: int, drop_remainder: bool = True
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields (images, labels) batches of one epoch, shuffled by (seed, epoch)."""
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be positive, got {batch_size}")
-  order = _permutation(len(split), seed, epoch)
-  stop = steps_per_epoch(split, batch_size) * batch_size if drop_remainder else len(split)
-  for start in range(0, stop, batch_size):
-    idx = order[start : min(start + batch_size, stop)]
-    yield split.images[idx], split.labels[idx]
 
 
 def batch_at(

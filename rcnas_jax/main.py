@@ -17,8 +17,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from rcnas_jax import (checkpoint, config as config_lib, data, export, parallel,  # noqa: E402
-                       pipeline, preemption, store, training)
+from rcnas_jax import config as config_lib, data, pipeline  # noqa: E402
+from rcnas_jax.nets import export  # noqa: E402
+from rcnas_jax.robust import training  # noqa: E402
+from rcnas_jax.runtime import checkpoint, parallel, preemption, store  # noqa: E402
 
 # What a user can fix: each is reported as one line, without a traceback.
 USER_ERRORS = (config_lib.ConfigError, data.DatasetNotFoundError, store.StoreError,
@@ -58,18 +60,10 @@ def job(config, workdir: str) -> None:
           "run the same command again to resume")
 
 
-def _orbax_errors_in_one_line(record) -> bool:
-  """Keeps an Orbax error to its first line: the job's own `error:` line says what to do."""
-  if "/orbax/" in record.pathname:
-    record.msg, record.args = str(record.getMessage()).splitlines()[0][:300], ()
-    record.exc_info = record.exc_text = None
-  return True
-
-
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  logging.get_absl_handler().addFilter(_orbax_errors_in_one_line)
+  logging.get_absl_handler().addFilter(checkpoint.orbax_errors_in_one_line)
   preemption.install()
   # Multi-host runs join JAX's distributed runtime before any computation (see launch/).
   parallel.maybe_initialize_distributed(flags.FLAGS.config)

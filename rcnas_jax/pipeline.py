@@ -4,7 +4,7 @@ mode='search' (RC-NAS): teachers -> meta-training -> fine-tuning on the held-out
 baselines (R-NAS, random search) -> full adversarial training of the best student of each
 method and of the hand-scaled RobustResNet-style student -> evaluation on the test split ->
 report -> export. mode='train': adversarial training and evaluation of one network.
-mode='evaluate': the evaluation suite on an exported student (`evaluation_report`).
+mode='evaluate': the evaluation suite on an exported student, reported RobustBench-style.
 """
 
 from __future__ import annotations
@@ -16,13 +16,16 @@ import time
 
 import jax
 import ml_collections
-import optax
+import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
-from rcnas_jax import (arch, artifacts, compilation, config as config_lib, data, env as env_lib,
-                       evaluate, evaluation_report, export, models, parallel, report, search,
-                       store, training)
-from rcnas_jax.state import ProbeCache, Task
+from rcnas_jax import config as config_lib, data, report
+from rcnas_jax.nets import arch, export, inherit, models
+from rcnas_jax.rl import env as env_lib, search, tasks
+from rcnas_jax.rl.tasks import Task
+from rcnas_jax.robust import evaluate, gradient_masking, robustbench, training
+from rcnas_jax.runtime import artifacts, compilation, parallel, store
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -104,6 +107,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# mode='evaluate'.
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_export(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The evaluation suite on the student exported at config.checkpoint, RobustBench-style.
+
+  Runs config.evaluation.suite (default: evaluation.attacks) on the test split in eval mode,
+  then the gradient-masking checks; writes `robustness.json` and `robustness.md`. Per-(attack,
+  batch) results go to `evaluation-<key>.jsonl` as they finish, named after the weights and
+  every evaluation setting: run the same command again after a kill to continue.
+  """
+  e = config.evaluation
+  student = export.load_student(config.checkpoint)
+  dataset_name = student.meta.get("dataset") or config.dataset.name
+  dataset = load_dataset(config, dataset_name)
+  if tuple(dataset.info.image_shape) != tuple(student.meta["image_shape"]):
+    raise config_lib.ConfigError(
+        f"config.dataset: {dataset_name} images are {dataset.info.image_shape}, the student at "
+        f"{config.checkpoint} takes {tuple(student.meta['image_shape'])} (check "
+        "dataset.max_image_size)")
+  model = models.build(student.spec, student.meta["num_classes"], student.meta["mean"],
+                       student.meta["std"])
+  split = data.sample(dataset.test, e.max_examples)
+  key = jax.random.key(config.seed + 1)
+  names = tuple(e.suite) or tuple(e.attacks)
+  # Named after the weights and every evaluation setting, so no other run's results are reused.
+  progress_key = artifacts.test_evaluation(config, dataset_name,
+                                           artifacts.weights_digest(student.variables), names)
+  results = evaluate.evaluate(
+      model, student.variables, split, evaluate.attacks_from_config(e, names), key,
+      parallel.data_mesh(), batch_size=e.batch_size,
+      unroll=training.unroll_attack_loops(e.loop),
+      aa_lite_attacks=evaluate.aa_lite_from_config(e, names),
+      progress_path=os.path.join(workdir, f"evaluation-{progress_key}.jsonl"))
+  warnings = []
+  if e.check_examples:
+    probe = data.sample(split, e.check_examples)
+    logits_fn = jax.tree_util.Partial(lambda v, x: model.apply(v, x, train=False),
+                                      student.variables)
+    warnings = gradient_masking.run_all(
+        logits_fn, np.asarray(probe.images, np.float32) / 255.0, probe.labels,
+        jax.random.fold_in(key, 10_000), eps=e.eps, norm=e.norm, results=results)
+  entry = robustbench.entry(student, dataset_name, results, e, warnings,
+                            "/".join(os.path.normpath(config.checkpoint).split(os.sep)[-2:]))
+  store.write_json(os.path.join(workdir, "robustness.json"), entry)
+  text = robustbench.markdown(entry, results)
+  store.write_text(os.path.join(workdir, "robustness.md"), text)
+  print("\n" + text)
+  return entry
+
+
+# ---------------------------------------------------------------------------------------------
 # mode='search': the RC-NAS pipeline.
 # ---------------------------------------------------------------------------------------------
 
@@ -162,6 +218,31 @@ def _spec_name(spec: arch.NetworkSpec) -> str:
   return f"d{depths}_w{widths}_s{strides}"
 
 
+def _train_student(env: env_lib.Environment, task: Task, spec: arch.NetworkSpec, workdir: str,
+                   progress: bool, mesh: Mesh) -> dict:
+  """Full adversarial training of `spec` on `mesh`, starting from the task teacher's weights.
+
+  Returns the variables to evaluate (the EMA weights when config.training.ema_decay is set).
+  """
+  config = env.config
+  info = env.datasets[task.dataset].info
+  teacher_spec = arch.teacher(task.teacher)
+  teacher_variables = env.teachers[(task.dataset, task.teacher)]
+  model = models.build(spec, info.num_classes, info.mean, info.std, config.model.dtype)
+  initial = inherit.inherited(teacher_variables, jax.random.key(config.seed), model=model,
+                              teacher_spec=teacher_spec, student_spec=spec,
+                              image_shape=tuple(info.image_shape))
+  teacher = None
+  if config.training.distill_weight:
+    teacher = (models.build(teacher_spec, info.num_classes, info.mean, info.std,
+                            config.model.dtype),
+               teacher_variables)
+  state = training.train(model, env.datasets[task.dataset].train, info.image_shape, config,
+                         workdir, mesh, init_variables=initial, teacher=teacher,
+                         progress=progress)
+  return training.eval_variables(state, config.training.ema_decay > 0)
+
+
 def _train_final(env, task: Task, spec: arch.NetworkSpec, workdir: str, mesh,
                  progress: bool) -> dict:
   """Full adversarial training of one student on `mesh`, then the test-split evaluation.
@@ -179,8 +260,7 @@ def _train_final(env, task: Task, spec: arch.NetworkSpec, workdir: str, mesh,
   if done is None:
     dataset = env.datasets[task.dataset]
     print(f"final training of {_spec_name(spec)}")
-    _, variables = env_lib.train_student(env, task, spec, config, dataset.train,
-                                         workdir=directory, progress=progress, mesh=mesh)
+    variables = _train_student(env, task, spec, directory, progress, mesh)
     model = models.build(spec, dataset.info.num_classes, dataset.info.mean, dataset.info.std)
     results = evaluate_on_test(config, model, variables, dataset.test, mesh,
                                os.path.join(directory, f"evaluation-{evaluation_key}.jsonl"))
@@ -290,18 +370,18 @@ def environment(config: ml_collections.ConfigDict, workdir: str,
   names = sorted(set(s.datasets) | {s.target.dataset})
   datasets = timer.run("data", lambda: {n: load_dataset(config, n) for n in names})
   info = datasets[s.target.dataset].info
-  target = search.target_task(config, info.image_shape[0], info.num_classes, info.image_shape[-1])
+  target = tasks.target_task(config, info.image_shape[0], info.num_classes, info.image_shape[-1])
   pairs = {(d, t) for d in s.datasets for t in s.teachers} | {(target.dataset, target.teacher)}
   teachers = timer.run("teachers", lambda: train_teachers(config, datasets, pairs, workdir, mesh))
   env = env_lib.Environment(config, datasets, teachers, mesh,
                             env_lib.EvaluationCache(os.path.join(workdir, "evaluations.jsonl")),
-                            ProbeCache(os.path.join(workdir, "probes.json")),
+                            tasks.ProbeCache(os.path.join(workdir, "probes.json")),
                             parallel.slices(mesh))
   return env, target
 
 
 def search_phases(env: env_lib.Environment, target: Task, workdir: str,
-                  timer: "PhaseTimer") -> dict[str, list[dict]]:
+                  timer: "PhaseTimer") -> dict[str, list[env_lib.Episode]]:
   """Meta-training, fine-tuning on the target and the configured baselines; their episodes.
 
   Each phase lives in search/<phase>-<key>, its key naming what it depends on
@@ -309,7 +389,10 @@ def search_phases(env: env_lib.Environment, target: Task, workdir: str,
   """
   config, s = env.config, env.config.search
   infos = {n: d.info for n, d in env.datasets.items()}
-  fresh = search.fresh_search_state(config, env_lib.observe(env, target))
+  num_stages = len(arch.teacher(target.teacher).stages)
+  learner = search.make_learner(config, num_stages)
+  learned, uniform = search.PolicySampler(learner), search.RandomSampler(num_stages)
+  fresh = search.fresh_state(learner, config.seed, env_lib.observe(env, target))
   print(f"target task: {target.key()} (held out of meta-training)")
   weights = lambda pairs: {f"{d}-{t}": env.teacher_weights[(d, t)] for d, t in pairs}
   on_target = weights([(target.dataset, target.teacher)])
@@ -318,25 +401,24 @@ def search_phases(env: env_lib.Environment, target: Task, workdir: str,
       (d, t) for d in s.datasets for t in s.teachers), target.key())
   phases = {}
   meta_state, phases["meta"] = timer.run("meta-training", lambda: search.run_phase(
-      "meta", env, lambda i: search.meta_task(config, i, target, infos), s.meta_updates, fresh,
-      directory("meta", meta_key)))
-  meta_trained = {"params": meta_state["params"],
-                  "opt_state": optax.adam(s.policy.learning_rate).init(meta_state["params"]),
-                  "iteration": fresh["iteration"]}
+      "meta", env, lambda i: tasks.meta_task(config, i, target, infos), s.meta_updates, fresh,
+      directory("meta", meta_key), learned))
+  meta_trained = search.continued_state(learner, meta_state["params"])
   finetune_key = artifacts.phase(config, "finetune", on_target, target.key(),
                                  meta=f"{meta_key}@{s.meta_updates}")
   _, phases["finetune"] = timer.run("fine-tuning", lambda: search.run_phase(
       "finetune", env, lambda i: target, s.finetune_updates, meta_trained,
-      directory("finetune", finetune_key)))
+      directory("finetune", finetune_key), learned))
   if "rnas" in s.baselines:
     rnas_key = artifacts.phase(config, "rnas", on_target, target.key())
     _, phases["rnas"] = timer.run("R-NAS", lambda: search.run_phase(
-        "rnas", env, lambda i: target, s.finetune_updates, fresh, directory("rnas", rnas_key)))
+        "rnas", env, lambda i: target, s.finetune_updates, fresh, directory("rnas", rnas_key),
+        learned))
   if "random" in s.baselines:
     random_key = artifacts.phase(config, "random", on_target, target.key())
     _, phases["random"] = timer.run("random search", lambda: search.run_phase(
         "random", env, lambda i: target, s.finetune_updates, fresh,
-        directory("random", random_key), learn=False))
+        directory("random", random_key), uniform))
   return phases
 
 
@@ -353,9 +435,10 @@ def rc_nas(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for phase, method in (("random", "random search"), ("rnas", "R-NAS"), ("finetune", "RC-NAS")):
     best = search.best_episode(phases.get(phase, []))
     if best is not None:
-      candidates[method] = arch.spec_from_dict(best["spec"])
+      candidates[method] = arch.spec_from_dict(best.spec)
   rows = timer.run("final trainings", lambda: final_rows(env, target, candidates, workdir))
-  return report.write(workdir, config, target, rows, phases, timer.times, timer.compiles)
+  return report.write(workdir, config, target, rows, phases, search.summary(phases), timer.times,
+                      timer.compiles)
 
 
 # Files that describe one run's results: removed when a run with other settings starts.
@@ -397,5 +480,5 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   if config.mode == "train":
     return train_and_evaluate(config, workdir)
   if config.mode == "evaluate":
-    return evaluation_report.run(config, workdir)
+    return evaluate_export(config, workdir)
   return rc_nas(config, workdir)

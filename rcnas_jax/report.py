@@ -12,7 +12,8 @@ matplotlib.use("Agg")  # Files only; no display needed.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rcnas_jax import arch, parallel, search, store  # noqa: E402
+from rcnas_jax.nets import arch  # noqa: E402
+from rcnas_jax.runtime import parallel, store  # noqa: E402
 
 PHASE_LABELS = {"meta": "meta-training", "finetune": "RC-NAS fine-tuning", "rnas": "R-NAS",
                 "random": "random search"}
@@ -62,12 +63,12 @@ def compile_table(timings: dict, compiles: dict) -> str:
   return "\n".join(lines)
 
 
-def plot_rewards(phases: dict[str, list[dict]], path: str) -> None:
+def plot_rewards(phases: dict[str, list], path: str) -> None:
   """Mean and best reward of each update, per phase."""
   fig, ax = plt.subplots(figsize=(6, 4))
   for phase, episodes in phases.items():
-    iterations = sorted({e["iteration"] for e in episodes})
-    rewards = [[e["reward"] for e in episodes if e["iteration"] == i] for i in iterations]
+    iterations = sorted({e.iteration for e in episodes})
+    rewards = [[e.reward for e in episodes if e.iteration == i] for i in iterations]
     ax.plot(iterations, [np.mean(r) for r in rewards], marker="o", label=PHASE_LABELS[phase])
   ax.set(xlabel="update", ylabel="mean reward of the M students", title="Reward per update")
   if phases:
@@ -77,12 +78,12 @@ def plot_rewards(phases: dict[str, list[dict]], path: str) -> None:
   plt.close(fig)
 
 
-def plot_accuracy_vs_macs(phases: dict[str, list[dict]], budget_macs: int, path: str) -> None:
+def plot_accuracy_vs_macs(phases: dict[str, list], budget_macs: int, path: str) -> None:
   """Validation robust accuracy of every evaluated student against its MACs."""
   fig, ax = plt.subplots(figsize=(6, 4))
   for phase, episodes in phases.items():
-    valid = [e for e in episodes if e["valid"]]
-    ax.scatter([e["macs"] for e in valid], [100 * e["robust_accuracy"] for e in valid], s=14,
+    valid = [e for e in episodes if e.valid]
+    ax.scatter([e.macs for e in valid], [100 * e.robust_accuracy for e in valid], s=14,
                alpha=0.7, label=PHASE_LABELS[phase])
   ax.axvline(budget_macs, color="k", linestyle="--", label="budget")
   ax.set(xlabel="MACs", ylabel="validation robust accuracy (%)", xscale="log",
@@ -111,20 +112,18 @@ def plot_topology(teacher: arch.NetworkSpec, student: arch.NetworkSpec, path: st
   plt.close(fig)
 
 
-def write(workdir: str, config, target, rows: list[dict], phases: dict[str, list[dict]],
-          timings: dict, compiles: dict | None = None) -> dict:
+def write(workdir: str, config, target, rows: list[dict], phases: dict[str, list],
+          search: dict[str, dict], timings: dict, compiles: dict | None = None) -> dict:
   """Writes report.json, report.md and the plots (process 0 only); returns the report.
 
-  `compiles` maps a phase to its compilation.CompileStats.to_dict().
+  `phases` maps a phase to its episodes (`env.Episode`), `search` to its statistics
+  (`search.summary`), and `compiles` to its compilation.CompileStats.to_dict().
   """
   report = {
       "target": target.key(), "budget_macs": target.budget_macs,
       "n_examples": rows[0]["results"][next(iter(rows[0]["results"]))]["n_examples"],
       "rows": rows,
-      "search": {phase: {"evaluations": len(episodes),
-                         "best_reward": max(e["reward"] for e in episodes),
-                         "evaluations_to_best": search.evaluations_to_best(episodes)}
-                 for phase, episodes in phases.items() if episodes},
+      "search": search,
       "timings": timings, "compiles": compiles or {}, "seed": config.seed,
       "config": config.to_dict(),
   }

@@ -3,7 +3,8 @@
 import jax.numpy as jnp
 import pytest
 
-from rcnas_jax import artifacts, config as config_lib
+from rcnas_jax import config as config_lib
+from rcnas_jax.runtime import artifacts
 
 GROUPS = (artifacts.DATA + artifacts.RECIPE + artifacts.PROXY + artifacts.PROBE
           + artifacts.SEARCH + artifacts.POLICY + artifacts.META_TASKS

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rcnas_jax import attacks
+from rcnas_jax.robust import attacks
 
 NUM_CLASSES, SIDE = 4, 6
 DIM = SIDE * SIDE
@@ -269,3 +269,54 @@ def test_apgd_needs_enough_classes_for_dlr():
     attacks.apgd_targeted(logits_fn, images, labels, jax.random.key(0), eps=0.1)
   with pytest.raises(ValueError, match="L-inf only"):
     attacks.square(logits_fn, images, labels, jax.random.key(0), eps=0.1, norm="l2")
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry, the threat model and the task-attack parser.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_registry_lists_every_attack_the_dispatcher_runs():
+  images, labels = jnp.full((2, 4, 4, 1), 0.5), jnp.array([0, 1])
+  logits_fn = lambda x: x.reshape(len(x), -1)[:, :5] * jnp.array([1.0, -1.0, 2.0, 0.5, -2.0])
+  for name in attacks.ATTACKS:
+    out = attacks.run(attacks.ThreatModel(name, eps=0.1, num_steps=2, num_targets=2), logits_fn,
+                      images, labels, jax.random.key(0), unroll=False)
+    assert out.shape == images.shape
+  assert attacks.TASK_ATTACKS == ("clean", "fgsm", "pgd", "cw", "apgd-ce")
+  assert attacks.WHITE_BOX == ("fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr", "apgd-t")
+  assert set(attacks.AA_LITE) <= set(attacks.ATTACKS)
+  assert attacks.EVALUATION_ATTACKS[-1] == "aa-lite"
+  with pytest.raises(ValueError, match="not one of clean, fgsm"):
+    attacks.ThreatModel("fab", eps=0.1)
+
+
+def test_threat_model_defaults_to_madrys_step_and_keeps_a_given_one():
+  assert attacks.ThreatModel("pgd", eps=0.1, num_steps=5).step_size == pytest.approx(0.05)
+  assert attacks.ThreatModel("pgd", eps=0.1, num_steps=5, step_size=0.01).step_size == 0.01
+  assert attacks.ThreatModel("pgd", eps=8 / 255, num_steps=10).key() == "pgd10-linf-0.03137"
+  assert attacks.ThreatModel("fgsm", eps=0.1).key() == "fgsm-linf-0.1"
+  assert attacks.ThreatModel("cw", eps=8 / 255, num_steps=40, step_size=0.8 / 255).describe() == (
+      "CW-40 (CW margin, L-inf eps=0.03137 (8/255), step=0.003137 (0.8/255), random start, "
+      "1 restart)")
+  with pytest.raises(TypeError):
+    attacks.ThreatModel("pgd", 0.1, 5)  # Positional settings are ambiguous: keywords only.
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("pgd-7", attacks.ThreatModel("pgd", eps=0.1, num_steps=7)),
+    ("cw-20", attacks.ThreatModel("cw", eps=0.1, num_steps=20)),
+    ("apgd-20", attacks.ThreatModel("apgd-ce", eps=0.1, num_steps=20)),
+    ("fgsm", attacks.ThreatModel("fgsm", eps=0.1, num_steps=1)),
+    ("clean", attacks.ThreatModel("clean", eps=0.1, num_steps=1)),
+])
+def test_parse_task_attack(name, expected):
+  assert attacks.parse_task_attack(name, 0.1) == expected
+
+
+@pytest.mark.parametrize("name", ["pgd", "pgd-0", "pgd-x", "fgsm-3", "apgd-ce-10", "square", "",
+                                  None, 3])
+def test_parse_task_attack_names_the_allowed_forms(name):
+  with pytest.raises(ValueError, match=r"expected clean, fgsm, pgd-<steps>, cw-<steps> or "
+                                       r"apgd-<steps>"):
+    attacks.parse_task_attack(name, 0.1)

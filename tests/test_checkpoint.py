@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 from orbax.checkpoint._src.multihost import multihost
 
-from rcnas_jax import arch, checkpoint, data, models, parallel, training
+from rcnas_jax import data
+from rcnas_jax.nets import arch, models
+from rcnas_jax.robust import training
+from rcnas_jax.runtime import checkpoint, parallel
 
 
 def test_round_trip_is_bit_identical_and_latest_wins(tmp_path):
@@ -129,7 +132,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
 FULL_DISK_SCRIPT = textwrap.dedent("""
     import os, sys
     import jax.numpy as jnp
-    from rcnas_jax import checkpoint
+    from rcnas_jax.runtime import checkpoint
     root = sys.argv[1]
     mngr = checkpoint.manager(os.path.join(root, "checkpoints"))
     tree = {"w": jnp.arange(20_000.0)}

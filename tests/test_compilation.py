@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rcnas_jax import compilation
+from rcnas_jax.runtime import compilation
 
 
 def test_counts_one_compile_per_new_shape_and_none_when_cached_in_memory():

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 import helpers
-from rcnas_jax import arch, config as config_lib, data, evaluate, models, parallel
+from rcnas_jax import config as config_lib, data
+from rcnas_jax.nets import arch, models
+from rcnas_jax.robust import attacks, evaluate
+from rcnas_jax.runtime import parallel
 
 SPEC = arch.NetworkSpec(stages=(arch.StageSpec(1, 8, 1), arch.StageSpec(1, 16, 2)))
 
@@ -30,7 +33,7 @@ def test_clean_accuracy_equals_a_direct_computation_with_padding(setup):
   logits = model.apply(variables, split.images.astype(np.float32) / 255)
   expected = float(np.mean(np.argmax(logits, 1) == split.labels))
   for devices, batch in [(1, 16), (8, 16), (8, 64)]:
-    result = evaluate.robust_accuracy(model, variables, split, evaluate.AttackSettings("clean"),
+    result = evaluate.robust_accuracy(model, variables, split, attacks.ThreatModel("clean"),
                                       jax.random.key(0),
                                       parallel.data_mesh(jax.devices()[:devices]),
                                       batch_size=batch)

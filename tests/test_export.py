@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import rcnas_jax
-from rcnas_jax import arch, export, models
+from rcnas_jax.nets import arch, export, models
 
 
 def test_exported_student_loads_in_one_call_and_predicts_identically(tmp_path):

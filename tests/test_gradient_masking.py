@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rcnas_jax import gradient_masking
+from rcnas_jax.robust import gradient_masking
 
 DIM, CLASSES = 16, 4
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rcnas_jax import arch, inherit, models
+from rcnas_jax.nets import arch, inherit, models, space
 
 IMAGE = (8, 8, 3)
 
@@ -24,7 +24,7 @@ def _randomised_teacher(spec, seed=0):
 
 
 def _student(teacher_spec, teacher_variables, actions, seed=3):
-  student_spec = arch.compress(teacher_spec, actions, image_size=IMAGE[0])
+  student_spec = space.compress(teacher_spec, actions, image_size=IMAGE[0])
   model = models.build(student_spec, 5)
   fresh = models.init(model, jax.random.key(seed), IMAGE)
   inherit_fn = jax.jit(inherit.inherit, static_argnums=(2, 3))
@@ -43,7 +43,7 @@ TEACHERS = [
 def test_a_student_equal_to_the_teacher_gives_identical_logits(teacher_spec):
   teacher, variables = _randomised_teacher(teacher_spec)
   spec, student, _, inherited = _student(teacher_spec, variables,
-                                         arch.identity_actions(teacher_spec))
+                                         space.identity_actions(teacher_spec))
   assert spec == teacher_spec
   x = jax.random.uniform(jax.random.key(9), (4, *IMAGE))
   np.testing.assert_array_equal(student.apply(inherited, x), teacher.apply(variables, x))
@@ -52,7 +52,7 @@ def test_a_student_equal_to_the_teacher_gives_identical_logits(teacher_spec):
 def test_sliced_basic_student_keeps_exactly_the_largest_l1_channels():
   teacher_spec = TEACHERS[0]
   _, variables = _randomised_teacher(teacher_spec)
-  actions = (arch.StageAction(0.5, 0.5, False, False), arch.StageAction(1.0, 0.34, True, False))
+  actions = (space.StageAction(0.5, 0.5, False, False), space.StageAction(1.0, 0.34, True, False))
   spec, _, _, inherited = _student(teacher_spec, variables, actions)
   assert spec.depths == (1, 2) and spec.widths == (8, 8)
   t, s = variables["params"], inherited["params"]
@@ -80,7 +80,7 @@ def test_new_layers_keep_their_fresh_initialisation():
   teacher_spec = TEACHERS[0]
   _, variables = _randomised_teacher(teacher_spec)
   # Stage 0 gains a stride (a projection shortcut appears) and stage 1 switches to robust.
-  actions = (arch.StageAction(1.0, 1.0, True, False), arch.StageAction(1.0, 1.0, False, True))
+  actions = (space.StageAction(1.0, 1.0, True, False), space.StageAction(1.0, 1.0, False, True))
   spec, _, fresh, inherited = _student(teacher_spec, variables, actions)
   assert spec.stages[1].block == "robust" and spec.stages[0].stride == 2
   f, s, t = fresh["params"], inherited["params"], variables["params"]
@@ -96,8 +96,8 @@ def test_new_layers_keep_their_fresh_initialisation():
 def test_sliced_robust_student_keeps_groups_aligned():
   teacher_spec = TEACHERS[1]
   teacher, variables = _randomised_teacher(teacher_spec)
-  actions = (arch.StageAction(1.0, 1.0, False, True), arch.StageAction(1.0, 0.5, True, True))
-  spec, student, _, inherited = _student(teacher_spec, variables, actions)
+  actions = (space.StageAction(1.0, 1.0, False, True), space.StageAction(1.0, 0.5, True, True))
+  spec, _, _, inherited = _student(teacher_spec, variables, actions)
   assert spec.widths == (16, 16)
   t = variables["params"]["stage1_block0"]
   s = inherited["params"]["stage1_block0"]
@@ -106,7 +106,19 @@ def test_sliced_robust_student_keeps_groups_aligned():
   norms = sum(np.abs(np.asarray(t[f"split_conv{k}"]["kernel"])).sum((0, 1, 2)) for k in range(7))
   local = np.sort(np.argsort(-norms.reshape(4, 2).sum(0))[:1])
   split = np.concatenate([g * 2 + local for g in range(4)])
-  np.testing.assert_array_equal(
-      s["split_conv3"]["kernel"], np.asarray(t["split_conv3"]["kernel"])[:, :, local][..., split])
-  x = jax.random.uniform(jax.random.key(9), (2, *IMAGE))
-  assert np.all(np.isfinite(student.apply(inherited, x)))
+  # One choice for every split: each split conv keeps the chosen input channel of every group
+  # and the chosen output channels, and its BN keeps the statistics of those channels.
+  for k in range(7):
+    np.testing.assert_array_equal(s[f"split_conv{k}"]["kernel"],
+                                  np.asarray(t[f"split_conv{k}"]["kernel"])[:, :, local][..., split])
+    for name in ("scale", "bias"):
+      np.testing.assert_array_equal(s[f"split_norm{k}"][name],
+                                    np.asarray(t[f"split_norm{k}"][name])[split])
+    stats_s = inherited["batch_stats"]["stage1_block0"][f"split_norm{k}"]
+    stats_t = variables["batch_stats"]["stage1_block0"][f"split_norm{k}"]
+    for name in ("mean", "var"):
+      np.testing.assert_array_equal(stats_s[name], np.asarray(stats_t[name])[split])
+  # conv1 writes the eight splits side by side: the same choice within each.
+  conv1_out = np.concatenate([scale * width + split for scale in range(8)])
+  np.testing.assert_array_equal(s["conv1"]["kernel"],
+                                np.asarray(t["conv1"]["kernel"])[..., conv1_out])

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from rcnas_jax import parallel
+from rcnas_jax.runtime import parallel
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "check_distributed.py"

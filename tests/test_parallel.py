@@ -4,7 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from rcnas_jax import arch, config as config_lib, data, models, parallel, training
+from rcnas_jax import config as config_lib, data
+from rcnas_jax.nets import arch, models
+from rcnas_jax.robust import training
+from rcnas_jax.runtime import parallel
 
 SPEC = arch.NetworkSpec(stages=(arch.StageSpec(1, 8, 1), arch.StageSpec(1, 16, 2)))
 

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 import rcnas_jax
-from rcnas_jax import arch, config as config_lib, metrics, pipeline
+from rcnas_jax import config as config_lib, pipeline
+from rcnas_jax.nets import arch
+from rcnas_jax.runtime import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

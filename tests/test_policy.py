@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from rcnas_jax import policy
+from rcnas_jax.rl import policy
 
 NUM_STAGES, NUM_TASK_FEATURES, HIDDEN = 3, 6, 8
 

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 import helpers
-from rcnas_jax import arch, attacks, data, models, torch_export
+from rcnas_jax import data
+from rcnas_jax.nets import arch, models, torch_export
+from rcnas_jax.robust import attacks
 
 torch = pytest.importorskip("torch")
 torchattacks = pytest.importorskip("torchattacks")

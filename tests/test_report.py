@@ -1,7 +1,11 @@
 """The report: Markdown table with settings, and the three plots."""
 
-from rcnas_jax import arch, config as config_lib, report
-from rcnas_jax.state import Task, ThreatModel
+from rcnas_jax import config as config_lib, report
+from rcnas_jax.nets import arch
+from rcnas_jax.rl import search
+from rcnas_jax.rl.env import Episode
+from rcnas_jax.rl.tasks import Task
+from rcnas_jax.robust.attacks import ThreatModel
 
 
 def _row(method, macs, accuracy):
@@ -12,12 +16,13 @@ def _row(method, macs, accuracy):
 
 
 def test_report_files_and_table(tmp_path):
-  task = Task("digits", ThreatModel("cw", 0.1, 10), "tiny-8", 1000)
-  episodes = [{"phase": "finetune", "iteration": i // 2, "reward": 0.1 * i, "valid": True,
-               "macs": 500 + i, "robust_accuracy": 0.1 * i} for i in range(6)]
+  task = Task("digits", ThreatModel("cw", eps=0.1, num_steps=10), "tiny-8", 1000)
+  episodes = [Episode("finetune", i // 2, i % 2, task.key(), reward=0.1 * i, valid=True,
+                      macs=500 + i, robust_accuracy=0.1 * i) for i in range(6)]
   rows = [_row("teacher (tiny-8)", 5000, 0.5), _row("RC-NAS", 900, 0.4)]
-  result = report.write(str(tmp_path), config_lib.base_config(), task, rows,
-                        {"finetune": episodes}, {"meta-training": 1.0})
+  phases = {"finetune": episodes}
+  result = report.write(str(tmp_path), config_lib.base_config(), task, rows, phases,
+                        search.summary(phases), {"meta-training": 1.0})
   text = (tmp_path / "report.md").read_text()
   assert "| teacher (tiny-8) | 1,234 | 5,000 (over budget) | 70.00 | 50.00 |" in text
   assert "| RC-NAS | 1,234 | 900 | 60.00 | 40.00 |" in text
@@ -40,11 +45,11 @@ def test_compile_table_sums_the_phases():
 
 
 def test_report_lists_compiles_when_given(tmp_path):
-  task = Task("digits", ThreatModel("cw", 0.1, 10), "tiny-8", 1000)
+  task = Task("digits", ThreatModel("cw", eps=0.1, num_steps=10), "tiny-8", 1000)
   rows = [_row("teacher (tiny-8)", 5000, 0.5)]
   compiles = {"teachers": {"compiles": 2, "compile_seconds": 1.0, "trace_seconds": 0.25,
                            "cache_hits": 2, "cache_misses": 0}}
-  result = report.write(str(tmp_path), config_lib.base_config(), task, rows, {},
+  result = report.write(str(tmp_path), config_lib.base_config(), task, rows, {}, {},
                         {"teachers": 3.0}, compiles)
   assert result["compiles"] == compiles
   assert "| teachers | 3.0 | 2 | 1.0 | 0.2 | 2 |" in (tmp_path / "report.md").read_text()

@@ -1,12 +1,15 @@
-"""Search: task sampling, policy updates that learn, exact resume of a phase."""
+"""Search: policy updates that learn, the samplers, the update keys, exact resume of a phase."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rcnas_jax import arch, config as config_lib, data, env as env_lib, policy, search
-from rcnas_jax.state import Task, ThreatModel
+from rcnas_jax import config as config_lib
+from rcnas_jax.rl import env as env_lib, policy, search
+from rcnas_jax.rl.env import Episode
+from rcnas_jax.rl.tasks import Task
+from rcnas_jax.robust.attacks import ThreatModel
 
 
 def _config():
@@ -16,35 +19,6 @@ def _config():
   c.search.target.update(dataset="digits", attack="pgd-5", teacher="tiny-8")
   c.search.policy.update(hidden=16, learning_rate=0.03, entropy_weight=0.0)
   return c
-
-
-INFOS = {"digits": data.DatasetInfo("digits", 10, (8, 8, 1), (0.3,), (0.4,)),
-         "mnist5k": data.DatasetInfo("mnist5k", 10, (28, 28, 1), (0.1,), (0.3,))}
-
-
-def test_parse_attack():
-  assert search.parse_attack("pgd-7", 0.1) == ThreatModel("pgd", 0.1, 7)
-  assert search.parse_attack("fgsm", 0.1).num_steps == 1
-  assert search.parse_attack("apgd-20", 0.1) == ThreatModel("apgd-ce", 0.1, 20)
-  with pytest.raises(ValueError, match="pgd-<steps>"):
-    search.parse_attack("pgd", 0.1)
-
-
-def test_meta_tasks_are_deterministic_and_never_the_target():
-  c = _config()
-  target = search.target_task(c, 8, 10, 1)
-  assert target.budget_macs == int(0.4 * arch.count_macs(arch.TEACHERS["tiny-8"], 8, 10, 1))
-  tasks = [search.meta_task(c, i, target, INFOS) for i in range(60)]
-  assert tasks == [search.meta_task(c, i, target, INFOS) for i in range(60)]
-  assert all((t.dataset, t.attack) != (target.dataset, target.attack) for t in tasks)
-  assert {t.dataset for t in tasks} == {"digits", "mnist5k"}
-  assert len({t.teacher for t in tasks}) == 2
-  # Every (dataset, attack) pair but the target's appears once in each cycle of 5 updates.
-  assert len({(t.dataset, t.attack) for t in tasks[:5]}) == 5
-  for t in tasks:
-    info = INFOS[t.dataset]
-    macs = arch.count_macs(arch.TEACHERS[t.teacher], info.image_shape[0], 10, 1)
-    assert 0.2 * macs <= t.budget_macs <= 0.6 * macs
 
 
 def _observation():
@@ -64,21 +38,38 @@ def test_policy_updates_raise_the_reward(algorithm):
   c = _config()
   c.search.policy.algorithm = algorithm
   observation = _observation()
-  state = search.fresh_search_state(c, observation)
-  p = search.PolicySettings(**c.search.policy)
-  network = search._network(p.hidden, 3)
-  tx = __import__("optax").adam(p.learning_rate)
-  params, opt_state = state["params"], state["opt_state"]
+  learner = search.make_learner(c, 3)
+  assert search.make_learner(c, 3) is learner  # Built once per setting: one compiled update.
+  sampler = search.PolicySampler(learner)
+  state = search.fresh_state(learner, c.seed, observation)
   means = []
   for i in range(60):
-    actions = search.sample_actions(params, observation, jax.random.key(i), network=network,
-                                    num_students=16)
+    actions = sampler.sample(state, observation, jax.random.key(i), 16, [])
     rewards = _synthetic_reward(actions)
     means.append(float(rewards.mean()))
-    params, opt_state, info = search.update(params, opt_state, observation, actions, rewards,
-                                            network=network, tx=tx, p=p)
+    state, info = sampler.learn(state, observation, actions, rewards)
   assert np.mean(means[-10:]) > np.mean(means[:10]) + 0.3
   assert abs(float(info["value"]) - np.mean(means[-10:])) < 0.5  # The baseline tracks rewards.
+
+
+def test_the_random_sampler_never_learns():
+  learner = search.make_learner(_config(), 3)
+  state = search.fresh_state(learner, 0, _observation())
+  sampler = search.RandomSampler(3)
+  actions = sampler.sample(state, _observation(), jax.random.key(0), 4, [])
+  assert actions.depth_logit.shape == (4, 3)
+  learned, info = sampler.learn(state, _observation(), actions, jnp.ones(4))
+  assert learned is state and info == {}
+
+
+def test_update_keys_differ_across_phases_and_updates_and_repeat_across_runs():
+  keys = {(phase, i): jax.random.key_data(search.update_key(0, phase, i)).tolist()
+          for phase in search.STREAMS for i in range(50)}
+  assert len({str(k) for k in keys.values()}) == len(keys)
+  assert keys[("rnas", 3)] == jax.random.key_data(search.update_key(0, "rnas", 3)).tolist()
+  # The derivation is part of every search's results: fold_in(key(seed), stream * 1e5 + i).
+  expected = jax.random.fold_in(jax.random.key(0), 2 * 100_000 + 3)
+  assert keys[("rnas", 3)] == jax.random.key_data(expected).tolist()
 
 
 def test_random_actions_cover_the_space():
@@ -94,14 +85,14 @@ def _fake_environment(monkeypatch, c):
   """An environment whose episodes score actions by a formula instead of training."""
   calls = []
 
-  def episode(env, task, actions):
+  def episode(actions, phase, iteration, i, task):
     calls.append(actions)
-    score = np.mean([a.depth_ratio - a.width_ratio + a.robust for a in actions])
-    return {"reward": float(score), "valid": True, "robust_accuracy": float(score), "macs": 1,
-            "params": 1, "spec": None, "cached": False, "reason": ""}
+    score = float(np.mean([a.depth_ratio - a.width_ratio + a.robust for a in actions]))
+    return Episode(phase, iteration, i, task.key(), reward=score, valid=True,
+                   robust_accuracy=score, macs=1, params=1)
 
-  monkeypatch.setattr(env_lib, "episodes",
-                      lambda env, task, students: [episode(env, task, a) for a in students])
+  monkeypatch.setattr(env_lib, "episodes", lambda env, task, students, phase, iteration: [
+      episode(a, phase, iteration, i, task) for i, a in enumerate(students)])
   monkeypatch.setattr(env_lib, "observe", lambda env, task: _observation())
   environment = env_lib.Environment(c, {}, {}, None, env_lib.EvaluationCache(None), None)
   return environment, calls
@@ -110,23 +101,30 @@ def _fake_environment(monkeypatch, c):
 def test_a_stopped_phase_resumes_exactly(tmp_path, monkeypatch):
   c = _config()
   environment, calls = _fake_environment(monkeypatch, c)
-  task = Task("digits", ThreatModel("pgd", 0.1, 5), "tiny-8", 100)
-  fresh = search.fresh_search_state(c, _observation())
-  straight, episodes = search.run_phase("finetune", environment, lambda i: task, 4, fresh,
-                                        str(tmp_path / "a"), progress=False)
-  search.run_phase("finetune", environment, lambda i: task, 2, fresh, str(tmp_path / "b"),
-                   progress=False)
-  resumed, resumed_episodes = search.run_phase("finetune", environment, lambda i: task, 4, fresh,
-                                               str(tmp_path / "b"), progress=False)
+  task = Task("digits", ThreatModel("pgd", eps=0.1, num_steps=5), "tiny-8", 100)
+  learner = search.make_learner(c, 3)
+  fresh = search.fresh_state(learner, c.seed, _observation())
+  run = lambda n, directory: search.run_phase("finetune", environment, lambda i: task, n, fresh,
+                                              str(tmp_path / directory),
+                                              search.PolicySampler(learner), progress=False)
+  straight, episodes = run(4, "a")
+  run(2, "b")
+  resumed, resumed_episodes = run(4, "b")
   assert int(resumed["iteration"]) == 4 and len(resumed_episodes) == 16
-  assert [e["reward"] for e in resumed_episodes] == [e["reward"] for e in episodes]
+  assert resumed_episodes == episodes  # Typed episodes, read back from the log.
   for a, b in zip(jax.tree.leaves(straight["params"]), jax.tree.leaves(resumed["params"])):
     np.testing.assert_array_equal(a, b)
   assert len(calls) == 16 + 16  # The resumed run re-evaluated nothing it had finished.
 
 
-def test_best_episode_and_evaluations_to_best():
-  episodes = [{"reward": r, "valid": v} for r, v in [(0.2, True), (-1.0, False), (0.5, True),
-                                                      (0.5, True), (0.9, False)]]
+def _episodes(rewards_and_validity, phase="rnas"):
+  return [Episode(phase, i, 0, "t", reward=r, valid=v) for i, (r, v) in
+          enumerate(rewards_and_validity)]
+
+
+def test_best_episode_evaluations_to_best_and_summary():
+  episodes = _episodes([(0.2, True), (-1.0, False), (0.5, True), (0.5, True), (0.9, False)])
   assert search.best_episode(episodes) is episodes[2]
-  assert search.evaluations_to_best([{"reward": r} for r in (0.1, 0.4, 0.3, 0.4)]) == 2
+  assert search.evaluations_to_best(_episodes([(r, True) for r in (0.1, 0.4, 0.3, 0.4)])) == 2
+  assert search.summary({"rnas": episodes, "random": []}) == {
+      "rnas": {"evaluations": 5, "best_reward": 0.9, "evaluations_to_best": 5}}

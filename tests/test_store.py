@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from rcnas_jax import store
+from rcnas_jax.runtime import store
 
 
 def test_json_round_trip_and_atomic_replace(tmp_path):

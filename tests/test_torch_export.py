@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from rcnas_jax import arch, models, torch_export
+from rcnas_jax.nets import arch, models, torch_export
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.reference

@@ -8,8 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from rcnas_jax import (arch, attacks, config as config_lib, data, metrics, models, parallel,
-                       preemption, training)
+from rcnas_jax import config as config_lib, data
+from rcnas_jax.nets import arch, models
+from rcnas_jax.robust import attacks, training
+from rcnas_jax.runtime import metrics, parallel, preemption
 
 SPEC = arch.NetworkSpec(stages=(arch.StageSpec(1, 8, 1), arch.StageSpec(1, 16, 2)))
 
@@ -107,8 +109,9 @@ def _run_steps(mesh, digits, num_steps, settings):
 
 def test_eight_devices_train_the_same_parameters_as_one(digits):
   assert jax.device_count() == 8
-  settings = training.TrainSettings(method="trades", eps=0.1, step_size=0.05, num_steps=2,
-                                    crop_padding=1, ema_decay=0.9)
+  settings = training.TrainSettings(
+      method="trades", attack=attacks.ThreatModel("pgd", eps=0.1, step_size=0.05, num_steps=2),
+      crop_padding=1, ema_decay=0.9)
   one = _run_steps(parallel.data_mesh(jax.devices()[:1]), digits, 3, settings)
   eight = _run_steps(parallel.data_mesh(), digits, 3, settings)
   assert eight["params"]["head"]["kernel"].sharding.device_set == set(jax.devices())
@@ -145,7 +148,9 @@ def test_attack_inside_the_step_sees_eval_mode_bn(digits, monkeypatch):
   monkeypatch.setattr(attacks, "pgd", spy)
   images, labels = _batch(digits)
   step = jax.jit(functools.partial(training.train_step, model=model, tx=tx,
-                                   settings=training.TrainSettings(method="pgd_at", num_steps=1)))
+                                   settings=training.TrainSettings(
+                                       method="pgd_at", attack=attacks.ThreatModel(
+                                           "pgd", eps=8 / 255, step_size=2 / 255, num_steps=1))))
   jax.block_until_ready(step(state, images, labels, jax.random.key(1), None))
   assert len(gaps) == 1 and gaps[0] < 1e-5
 

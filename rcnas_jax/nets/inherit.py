@@ -10,10 +10,12 @@ variables, fresh student variables); the specs are static, so it jits.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from rcnas_jax import arch
+from rcnas_jax.nets import arch, models
 
 Variables = dict  # {'params': ..., 'batch_stats': ...}
 
@@ -147,3 +149,14 @@ def inherit(teacher_variables: Variables, student_variables: Variables,
 def _unfreeze(tree):
   """Nested dicts we can assign into."""
   return {k: _unfreeze(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+@functools.partial(jax.jit, static_argnames=("model", "teacher_spec", "student_spec",
+                                             "image_shape"))
+def inherited(teacher_variables, key, *, model, teacher_spec, student_spec, image_shape):
+  """A student's initial variables: fresh, then the teacher's weights wherever shapes allow.
+
+  One program: run eagerly, the initialisation alone compiled ~100 tiny programs per student.
+  """
+  fresh = models.init(model, key, image_shape)
+  return inherit(teacher_variables, fresh, teacher_spec, student_spec)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import math
 import os
 from typing import Callable, Mapping, Sequence
 
@@ -23,8 +24,6 @@ import ml_collections
 from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from rcnas_jax import config as config_lib
 
 CANDIDATE_AXIS = "candidate"
 DATA_AXIS = "data"
@@ -50,9 +49,25 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return make_mesh(1, devices)
 
 
+def candidate_slices(requested: int, students_per_update: int, num_devices: int,
+                     num_processes: int = 1) -> int:
+  """How many students of one update are evaluated concurrently (config.parallel.candidates).
+
+  Auto (`requested` 0): gcd(M, devices) in one process; 1 across processes, where every
+  program spans all devices.
+  """
+  if requested:
+    return requested
+  if num_processes > 1:
+    return 1
+  return math.gcd(students_per_update, num_devices)
+
+
 def mesh_from_config(config: ml_collections.ConfigDict) -> Mesh:
   """The mesh of config.parallel over every device of every process."""
-  return make_mesh(config_lib.candidate_slices(config, jax.device_count(), jax.process_count()))
+  return make_mesh(candidate_slices(config.parallel.candidates,
+                                    config.search.students_per_update, jax.device_count(),
+                                    jax.process_count()))
 
 
 def slices(mesh: Mesh) -> list[Mesh]:

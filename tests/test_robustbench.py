@@ -1,4 +1,4 @@
-"""mode='evaluate': an exported student in, RobustBench-style JSON and Markdown out, resumable."""
+"""RobustBench-style entries, and mode='evaluate': an exported student in, JSON and Markdown out."""
 
 import json
 import shutil
@@ -6,7 +6,9 @@ import shutil
 import jax
 import pytest
 
-from rcnas_jax import arch, config as config_lib, data, export, models, pipeline
+from rcnas_jax import config as config_lib, data, pipeline
+from rcnas_jax.nets import arch, export, models
+from rcnas_jax.robust import robustbench
 
 SPEC = arch.NetworkSpec(stages=(arch.StageSpec(1, 8, 1), arch.StageSpec(1, 16, 2)))
 
@@ -30,6 +32,24 @@ def student(tmp_path_factory):
                         num_classes=info.num_classes, image_shape=info.image_shape,
                         mean=info.mean, std=info.std, dataset="digits")
   return path
+
+
+def test_entry_in_percent_with_robustbenchs_eps_label():
+  student = export.Student(SPEC, {}, None, {"params": 123, "macs": 456})
+  results = {"clean": {"accuracy": 0.9, "n_examples": 10, "attack": "clean", "seconds": 1.0},
+             "pgd": {"accuracy": 0.456789, "n_examples": 10, "attack": "PGD-20 (...)",
+                     "seconds": 2.0}}
+  e = config_lib.base_config().evaluation
+  entry = robustbench.entry(student, "digits", results, e, [], "run/export")
+  assert (entry["clean_acc"], entry["robust_acc"], entry["aa_lite_acc"]) == (
+      90.0, {"pgd": 45.68}, None)
+  assert (entry["eps"], entry["threat_model"], entry["n_examples"]) == ("8/255", "Linf", 10)
+  assert entry["architecture"] == ("pre-act ResNet (relu): stem 16, stages 1x8 basic /1, "
+                                   "1x16 basic /2")
+  e.update(eps=0.3, norm="l2")
+  assert robustbench.entry(student, "digits", results, e, ["masked"], "x")["eps"] == "0.3"
+  assert "- WARNING (possible gradient masking): masked" in robustbench.markdown(
+      robustbench.entry(student, "digits", results, e, ["masked"], "x"), results)
 
 
 def test_report_fields_and_resume(student, tmp_path):

@@ -106,3 +106,11 @@ def restore_latest(mngr: ocp.CheckpointManager, like: Any,
       continue
     return restored["state"]
   return None
+
+
+def orbax_errors_in_one_line(record) -> bool:
+  """A logging filter: an Orbax error keeps its first line (the job's `error:` line says more)."""
+  if "/orbax/" in record.pathname:
+    record.msg, record.args = str(record.getMessage()).splitlines()[0][:300], ()
+    record.exc_info = record.exc_text = None
+  return True

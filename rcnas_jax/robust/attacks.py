@@ -13,6 +13,7 @@ APGD (`apgd`, `apgd_targeted`) with its step-size schedule, and the score-based 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple
 
 import jax
@@ -441,7 +442,105 @@ def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
 # ---------------------------------------------------------------------------------------------
 
 
-ATTACKS = ("clean", "fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "square")
+@dataclasses.dataclass(frozen=True)
+class AttackKind:
+  """What the registry knows of one attack."""
+
+  white_box: bool  # Follows the model's gradients (gradient masking can fool it).
+  task_form: str = ""  # How a task names it ('' = evaluation only); '<steps>' is a number.
+
+
+# The one list of attacks: tasks, evaluation, configs and the gradient-masking checks read it.
+REGISTRY: dict[str, AttackKind] = {
+    "clean": AttackKind(white_box=False, task_form="clean"),
+    "fgsm": AttackKind(white_box=True, task_form="fgsm"),
+    "pgd": AttackKind(white_box=True, task_form="pgd-<steps>"),
+    "cw": AttackKind(white_box=True, task_form="cw-<steps>"),
+    "apgd-ce": AttackKind(white_box=True, task_form="apgd-<steps>"),
+    "apgd-dlr": AttackKind(white_box=True),
+    "apgd-t": AttackKind(white_box=True),
+    "square": AttackKind(white_box=False),
+}
+ATTACKS = tuple(REGISTRY)
+TASK_ATTACKS = tuple(name for name, kind in REGISTRY.items() if kind.task_form)
+WHITE_BOX = tuple(name for name, kind in REGISTRY.items() if kind.white_box)
+AA_LITE = ("apgd-ce", "apgd-t", "square")  # AA-lite's attacks, in the order they run.
+EVALUATION_ATTACKS = ATTACKS + ("aa-lite",)  # 'aa-lite': the point-wise worst case of AA_LITE.
+TASK_ATTACK_FORMS = ", ".join(REGISTRY[n].task_form for n in TASK_ATTACKS[:-1]) + (
+    f" or {REGISTRY[TASK_ATTACKS[-1]].task_form}")
+
+
+def madry_step_size(eps: float, num_steps: int) -> float:
+  """2.5 eps / steps (Madry et al.'s rule), so the attack can cross the ball."""
+  return 2.5 * eps / max(num_steps, 1)
+
+
+def _fraction_of_255(value: float) -> str:
+  """An L-inf radius as a decimal and in 1/255 units, e.g. '0.03137 (8/255)'."""
+  return f"{value:.4g} ({value * 255:.3g}/255)"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ThreatModel:
+  """One attack with its settings: a task's attack, an evaluation attack or the training one.
+
+  `name` is one of ATTACKS; `num_steps` counts PGD/CW/APGD iterations and Square's queries;
+  without `step_size`, Madry et al.'s rule sets it. Hashable: it is a static jit argument.
+  """
+
+  name: str = dataclasses.field(kw_only=False)
+  eps: float = 8 / 255
+  num_steps: int = 1
+  step_size: float | None = None
+  norm: str = "linf"
+  restarts: int = 1
+  num_targets: int = 9  # APGD-T only.
+
+  def __post_init__(self):
+    if self.name not in REGISTRY:
+      raise ValueError(f"attack {self.name!r} is not one of {', '.join(ATTACKS)}")
+    if self.step_size is None:
+      object.__setattr__(self, "step_size", madry_step_size(self.eps, self.num_steps))
+
+  def key(self) -> str:
+    """A short stable name, e.g. 'pgd10-linf-0.03137' (part of a task's key)."""
+    steps = "" if self.name in ("clean", "fgsm") else str(self.num_steps)
+    return f"{self.name}{steps}-{self.norm}-{self.eps:.4g}"
+
+  def describe(self) -> str:
+    """A human-readable label, e.g. 'PGD-20 (CE, L-inf eps=0.03137 (8/255), ...)'."""
+    if self.name == "clean":
+      return "clean"
+    norm = "L-inf" if self.norm == "linf" else "L2"
+    eps = _fraction_of_255(self.eps) if self.norm == "linf" else f"{self.eps:g}"
+    restarts = f"{self.restarts} restart{'s' if self.restarts > 1 else ''}"
+    if self.name == "fgsm":
+      return f"FGSM (CE, {norm} eps={eps})"
+    if self.name.startswith("apgd"):
+      loss = {"apgd-ce": "CE", "apgd-dlr": "DLR"}.get(self.name, f"targeted DLR, "
+                                                                 f"{self.num_targets} targets")
+      return (f"APGD-{self.name[5:].upper()}-{self.num_steps} ({loss}, {norm} eps={eps}, "
+              f"{restarts})")
+    if self.name == "square":
+      return f"Square ({self.num_steps} queries, margin, p_init=0.8, {norm} eps={eps}, {restarts})"
+    loss = "CE" if self.name == "pgd" else "CW margin"
+    step = _fraction_of_255(self.step_size) if self.norm == "linf" else f"{self.step_size:g}"
+    return (f"{'PGD' if self.name == 'pgd' else 'CW'}-{self.num_steps} ({loss}, {norm} "
+            f"eps={eps}, step={step}, random start, {restarts})")
+
+
+def parse_task_attack(name: str, eps: float, norm: str = "linf") -> ThreatModel:
+  """A task's attack from its form in TASK_ATTACK_FORMS, e.g. 'pgd-10' or 'apgd-100' (APGD-CE).
+
+  Raises ValueError naming the allowed forms.
+  """
+  forms = {REGISTRY[n].task_form.partition("-")[0]: n for n in TASK_ATTACKS}
+  kind, _, steps = name.partition("-") if isinstance(name, str) else ("", "", "")
+  stepped = kind in forms and REGISTRY[forms[kind]].task_form.endswith("<steps>")
+  if kind not in forms or stepped != (steps.isdigit() and int(steps) > 0) or (
+      not stepped and steps):
+    raise ValueError(f"attack {name!r}: expected {TASK_ATTACK_FORMS}")
+  return ThreatModel(forms[kind], eps=eps, num_steps=int(steps) if stepped else 1, norm=norm)
 
 
 def attack(name: str, logits_fn: LogitsFn, images, labels, key, *, eps, step_size=0.0,
@@ -465,3 +564,11 @@ def attack(name: str, logits_fn: LogitsFn, images, labels, key, *, eps, step_siz
     return square(logits_fn, images, labels, key, eps=eps, num_queries=num_steps,
                   restarts=restarts, norm=norm)
   raise ValueError(f"attack {name!r} is not one of {', '.join(ATTACKS)}")
+
+
+def run(threat: ThreatModel, logits_fn: LogitsFn, images, labels, key,
+        unroll: bool = True) -> jax.Array:
+  """The adversarial images of `threat` against `logits_fn` (call it with eval-mode BN)."""
+  return attack(threat.name, logits_fn, images, labels, key, eps=threat.eps,
+                step_size=threat.step_size, num_steps=threat.num_steps, norm=threat.norm,
+                restarts=threat.restarts, num_targets=threat.num_targets, unroll=unroll)

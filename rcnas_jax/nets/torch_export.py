@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rcnas_jax import arch
+from rcnas_jax.nets import arch
 
 
 def _tensor(value):

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rcnas_jax import arch
+from rcnas_jax.nets import arch
 
 # Reference initialisation: conv kernels ~ N(0, sqrt(2 / (k * k * C_out))).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")

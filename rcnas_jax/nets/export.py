@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rcnas_jax import arch, models, parallel, store
+from rcnas_jax.nets import arch, models
+from rcnas_jax.runtime import parallel, store
 
 
 class ExportError(ValueError):

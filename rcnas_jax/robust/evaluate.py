@@ -10,7 +10,6 @@ evaluation continues where it stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 
@@ -21,72 +20,33 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from rcnas_jax import attacks, data, models, parallel, preemption, store
+from rcnas_jax import data
+from rcnas_jax.nets import models
+from rcnas_jax.robust import attacks
+from rcnas_jax.runtime import parallel, preemption, store
 
-AA_LITE = ("apgd-ce", "apgd-t", "square")  # AA-lite's attacks, in the order they run.
-
-
-@dataclasses.dataclass(frozen=True)
-class AttackSettings:
-  """One evaluation attack; `name` is one of attacks.ATTACKS.
-
-  `num_steps` counts PGD/CW/APGD iterations and Square's queries.
-  """
-
-  name: str
-  eps: float = 8 / 255
-  step_size: float = 0.8 / 255
-  num_steps: int = 20
-  norm: str = "linf"
-  restarts: int = 1
-  num_targets: int = 9  # APGD-T only.
-
-  def describe(self) -> str:
-    """A human-readable label, e.g. 'PGD-20 (CE, L-inf eps=0.03137 (8/255), ...)'."""
-    if self.name == "clean":
-      return "clean"
-    norm = "L-inf" if self.norm == "linf" else "L2"
-    eps = _fraction_of_255(self.eps) if self.norm == "linf" else f"{self.eps:g}"
-    restarts = f"{self.restarts} restart{'s' if self.restarts > 1 else ''}"
-    if self.name == "fgsm":
-      return f"FGSM (CE, {norm} eps={eps})"
-    if self.name.startswith("apgd"):
-      loss = {"apgd-ce": "CE", "apgd-dlr": "DLR"}.get(self.name, f"targeted DLR, "
-                                                                 f"{self.num_targets} targets")
-      return (f"APGD-{self.name[5:].upper()}-{self.num_steps} ({loss}, {norm} eps={eps}, "
-              f"{restarts})")
-    if self.name == "square":
-      return f"Square ({self.num_steps} queries, margin, p_init=0.8, {norm} eps={eps}, {restarts})"
-    loss = "CE" if self.name == "pgd" else "CW margin"
-    step = _fraction_of_255(self.step_size) if self.norm == "linf" else f"{self.step_size:g}"
-    return (f"{'PGD' if self.name == 'pgd' else 'CW'}-{self.num_steps} ({loss}, {norm} "
-            f"eps={eps}, step={step}, random start, {restarts})")
-
-
-def _fraction_of_255(value: float) -> str:
-  """An L-inf radius as a decimal and in 1/255 units, e.g. '0.03137 (8/255)'."""
-  return f"{value:.4g} ({value * 255:.3g}/255)"
-
-
-def settings_for(name: str, e: ml_collections.ConfigDict) -> AttackSettings:
+def settings_for(name: str, e: ml_collections.ConfigDict) -> attacks.ThreatModel:
   """The settings config.evaluation gives attack `name` (one of attacks.ATTACKS)."""
   steps = {"pgd": (e.pgd_steps, e.pgd_step_size), "cw": (e.cw_steps, e.cw_step_size),
            "apgd-ce": (e.apgd_steps, 0.0), "apgd-dlr": (e.apgd_steps, 0.0),
            "apgd-t": (e.apgd_steps, 0.0), "square": (e.square_queries, 0.0)}
   num_steps, step_size = steps.get(name, (1, e.eps))
-  return AttackSettings(name, e.eps, step_size=step_size, num_steps=num_steps, norm=e.norm,
-                        restarts=e.restarts, num_targets=e.apgd_targets)
+  return attacks.ThreatModel(name, eps=e.eps, step_size=step_size, num_steps=num_steps,
+                             norm=e.norm, restarts=e.restarts, num_targets=e.apgd_targets)
 
 
 def attacks_from_config(e: ml_collections.ConfigDict,
-                        names=None) -> tuple[AttackSettings, ...]:
+                        names=None) -> tuple[attacks.ThreatModel, ...]:
   """The attacks of `names` (default config.evaluation.attacks) that run on every example."""
   return tuple(settings_for(name, e) for name in (names or e.attacks) if name != "aa-lite")
 
 
-def aa_lite_from_config(e: ml_collections.ConfigDict, names=None) -> tuple[AttackSettings, ...]:
+def aa_lite_from_config(e: ml_collections.ConfigDict,
+                        names=None) -> tuple[attacks.ThreatModel, ...]:
   """AA-lite's attacks when `names` (default config.evaluation.attacks) has 'aa-lite', else ()."""
-  return tuple(settings_for(n, e) for n in AA_LITE) if "aa-lite" in (names or e.attacks) else ()
+  if "aa-lite" not in (names or e.attacks):
+    return ()
+  return tuple(settings_for(n, e) for n in attacks.AA_LITE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,8 +55,8 @@ def aa_lite_from_config(e: ml_collections.ConfigDict, names=None) -> tuple[Attac
 
 
 @functools.partial(jax.jit, static_argnames=("model", "attack", "unroll"))
-def _correct(variables, images, labels, key, *, model: nn.Module, attack: AttackSettings,
-             unroll: bool) -> jax.Array:
+def _correct(variables, images, labels, key, *, model: nn.Module,
+             attack: attacks.ThreatModel, unroll: bool) -> jax.Array:
   """Per example, whether the model still classifies it correctly under `attack`.
 
   `unroll` applies to PGD and CW; APGD's loop stays rolled (unrolled, 100 steps compile for
@@ -105,10 +65,7 @@ def _correct(variables, images, labels, key, *, model: nn.Module, attack: Attack
   unroll = unroll and attack.name in ("pgd", "cw")
   logits_fn = models.logits_fn(model, variables)
   x = images.astype(jnp.float32) / 255.0
-  adversarial = attacks.attack(attack.name, logits_fn, x, labels, key, eps=attack.eps,
-                               step_size=attack.step_size, num_steps=attack.num_steps,
-                               norm=attack.norm, restarts=attack.restarts,
-                               num_targets=attack.num_targets, unroll=unroll)
+  adversarial = attacks.run(attack, logits_fn, x, labels, key, unroll)
   return jnp.argmax(logits_fn(adversarial), axis=-1) == labels
 
 
@@ -149,9 +106,10 @@ def _batch_size(batch_size: int, count: int, mesh: Mesh) -> int:
   return min(batch_size, -(-count // devices) * devices)
 
 
-def correct_flags(model: nn.Module, variables: dict, split: data.Split, attack: AttackSettings,
-                  key: jax.Array, mesh: Mesh, *, batch_size: int = 256, unroll: bool = True,
-                  progress: Progress | None = None, tag: str = "") -> tuple[np.ndarray, float]:
+def correct_flags(model: nn.Module, variables: dict, split: data.Split,
+                  attack: attacks.ThreatModel, key: jax.Array, mesh: Mesh, *,
+                  batch_size: int = 256, unroll: bool = True, progress: Progress | None = None,
+                  tag: str = "") -> tuple[np.ndarray, float]:
   """Per example of `split`, correct under `attack`; and the attack's compute seconds."""
   progress = progress or Progress(None)
   if len(split) == 0:
@@ -181,7 +139,7 @@ def _result(correct: np.ndarray, attack: str, seconds: float) -> dict:
 
 
 def robust_accuracy(model: nn.Module, variables: dict, split: data.Split,
-                    attack: AttackSettings, key: jax.Array, mesh: Mesh, *,
+                    attack: attacks.ThreatModel, key: jax.Array, mesh: Mesh, *,
                     batch_size: int = 256, unroll: bool = True,
                     progress: Progress | None = None) -> dict:
   """Accuracy under `attack` on `split`: {accuracy, n_examples, attack, seconds}."""
@@ -192,7 +150,7 @@ def robust_accuracy(model: nn.Module, variables: dict, split: data.Split,
 
 
 def aa_lite(model: nn.Module, variables: dict, split: data.Split,
-            components: tuple[AttackSettings, ...], robust: np.ndarray, key: jax.Array,
+            components: tuple[attacks.ThreatModel, ...], robust: np.ndarray, key: jax.Array,
             mesh: Mesh, *, batch_size: int = 256, unroll: bool = True,
             progress: Progress | None = None, known: dict | None = None) -> dict:
   """The point-wise worst case of `components`, each run only on the points still robust.
@@ -221,9 +179,9 @@ def aa_lite(model: nn.Module, variables: dict, split: data.Split,
 
 
 def evaluate(model: nn.Module, variables: dict, split: data.Split,
-             attack_list: tuple[AttackSettings, ...], key: jax.Array, mesh: Mesh, *,
+             attack_list: tuple[attacks.ThreatModel, ...], key: jax.Array, mesh: Mesh, *,
              batch_size: int = 256, unroll: bool = True,
-             aa_lite_attacks: tuple[AttackSettings, ...] = (),
+             aa_lite_attacks: tuple[attacks.ThreatModel, ...] = (),
              progress_path: str | None = None) -> dict[str, dict]:
   """Results keyed by attack name: each of `attack_list`, then 'aa-lite' if it has attacks.
 
@@ -241,7 +199,7 @@ def evaluate(model: nn.Module, variables: dict, split: data.Split,
   if aa_lite_attacks:
     clean = next((flags for a, (flags, _) in known.items() if a.name == "clean"), None)
     if clean is None:
-      clean = correct_flags(model, variables, split, AttackSettings("clean"), key, mesh,
+      clean = correct_flags(model, variables, split, attacks.ThreatModel("clean"), key, mesh,
                             batch_size=batch_size, progress=progress)[0]
     result = aa_lite(model, variables, split, aa_lite_attacks, clean,
                      jax.random.fold_in(key, len(attack_list)), mesh, batch_size=batch_size,

@@ -20,7 +20,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from rcnas_jax import attacks, checkpoint, data, metrics, models, parallel, preemption
+from rcnas_jax import data
+from rcnas_jax.nets import models
+from rcnas_jax.robust import attacks
+from rcnas_jax.runtime import checkpoint, metrics, parallel, preemption
 
 State = dict
 
@@ -30,10 +33,10 @@ class TrainSettings:
   """What one train step does; hashable, so it is a static argument of the jitted step."""
 
   method: str = "trades"  # 'standard', 'pgd_at' or 'trades'.
-  eps: float = 8 / 255
-  step_size: float = 2 / 255
-  num_steps: int = 10
-  norm: str = "linf"
+  # The inner maximisation: PGD on the cross-entropy (PGD-AT) or on the KL to the clean
+  # prediction (TRADES).
+  attack: attacks.ThreatModel = attacks.ThreatModel("pgd", eps=8 / 255, step_size=2 / 255,
+                                                    num_steps=10)
   unroll: bool = True
   trades_beta: float = 6.0
   crop_padding: int = 0
@@ -52,7 +55,8 @@ def settings_from_config(config: ml_collections.ConfigDict) -> TrainSettings:
   """The train-step settings of a full config."""
   t, a = config.training, config.attack
   return TrainSettings(
-      method=t.method, eps=a.eps, step_size=a.step_size, num_steps=a.num_steps, norm=a.norm,
+      method=t.method, attack=attacks.ThreatModel("pgd", eps=a.eps, step_size=a.step_size,
+                                                  num_steps=a.num_steps, norm=a.norm),
       unroll=unroll_attack_loops(a.loop), trades_beta=t.trades_beta,
       crop_padding=config.dataset.crop_padding, flip=config.dataset.flip,
       ema_decay=t.ema_decay, distill_weight=t.distill_weight,
@@ -174,11 +178,11 @@ def train_step(state: State, images: jax.Array, labels: jax.Array, key: jax.Arra
   if settings.method == "standard":
     adversarial = clean
   else:
+    a = settings.attack
     adversarial = attacks.pgd(
-        models.logits_fn(model, variables), clean, labels, attack_key, eps=settings.eps,
-        step_size=settings.step_size, num_steps=settings.num_steps,
-        loss="kl" if settings.method == "trades" else "ce", norm=settings.norm,
-        unroll=settings.unroll)
+        models.logits_fn(model, variables), clean, labels, attack_key, eps=a.eps,
+        step_size=a.step_size, num_steps=a.num_steps,
+        loss="kl" if settings.method == "trades" else "ce", norm=a.norm, unroll=settings.unroll)
   teacher_logits = None
   if settings.distill_weight:
     teacher_logits = teacher.apply(teacher_variables, clean, train=False)

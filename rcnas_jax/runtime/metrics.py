@@ -8,7 +8,7 @@ import time
 import tensorboardX
 import tqdm
 
-from rcnas_jax import store
+from rcnas_jax.runtime import store
 
 
 class MetricsWriter:

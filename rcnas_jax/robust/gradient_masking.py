@@ -16,9 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from rcnas_jax import attacks
-
-WHITE_BOX = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr", "apgd-t")
+from rcnas_jax.robust import attacks
 
 
 def randomness(logits_fn, images: jax.Array, labels: jax.Array, *, calls: int = 3,
@@ -57,7 +55,7 @@ def input_gradients(logits_fn, images: jax.Array, labels: jax.Array, *,
 
 def black_box_beats_white_box(results: dict[str, dict], alpha: float = 0.002) -> str | None:
   """Warns when Square beats every white-box attack, alone or after them inside AA-lite."""
-  white = [results[n]["accuracy"] for n in WHITE_BOX if n in results]
+  white = [results[n]["accuracy"] for n in attacks.WHITE_BOX if n in results]
   if "square" in results and white and results["square"]["accuracy"] < min(white) - alpha:
     return (f"the black-box Square attack ({100 * results['square']['accuracy']:.2f}%) beats "
             f"every white-box attack (best {100 * min(white):.2f}%)")

@@ -1,0 +1,158 @@
+"""The proxy evaluation of one student: a short adversarial training, then the task's attack.
+
+METHOD §5.3-5.4: weights inherited from the teacher, `config.search.proxy.epochs` of training
+on a fixed stratified subset, then robust accuracy on a fixed sample of the *validation* split
+under the task's attack, BN in eval mode. Three jitted programs do it (start, train step,
+validation attack) from a Python loop; `release_programs` frees them between updates.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from rcnas_jax import data
+from rcnas_jax.nets import arch, inherit, models
+from rcnas_jax.rl.tasks import Task
+from rcnas_jax.robust import attacks, training
+from rcnas_jax.runtime import parallel, preemption
+
+
+def proxy_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The full config with training replaced by the short proxy schedule of config.search.proxy."""
+  proxy = config.search.proxy
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.training.update(method=proxy.method or config.training.method, epochs=proxy.epochs,
+                    batch_size=proxy.batch_size,
+                    learning_rate=proxy.learning_rate, distill_weight=proxy.distill_weight,
+                    schedule="cosine", warmup_epochs=0.0, ema_decay=0.0)
+  c.attack.num_steps = proxy.attack_steps
+  c.attack.step_size = attacks.madry_step_size(c.attack.eps, proxy.attack_steps)
+  return c
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tx", "teacher_spec", "student_spec",
+                                             "image_shape"))
+def _start(teacher_variables, key, *, model, tx, teacher_spec, student_spec, image_shape):
+  """The student's train state, its weights inherited from the teacher."""
+  variables = inherit.inherited(teacher_variables, key, model=model, teacher_spec=teacher_spec,
+                                student_spec=student_spec, image_shape=image_shape)
+  return training.create_state(model, tx, key, image_shape, variables)
+
+
+_step = jax.jit(training.train_step, static_argnames=("model", "tx", "settings", "teacher"),
+                donate_argnums=(0,))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "threat", "unroll"))
+def _robust_accuracy(variables, images, labels, key, *, model, threat, unroll):
+  """Accuracy on uint8 `images` under the task's attack, BN in eval mode."""
+  logits_fn = models.logits_fn(model, variables)
+  images = images.astype(jnp.float32) / 255.0
+  adversarial = attacks.run(threat, logits_fn, images, labels, key, unroll)
+  return jnp.mean(jnp.argmax(logits_fn(adversarial), -1) == labels)
+
+
+@functools.lru_cache(maxsize=None)
+def _optimizer(learning_rate: float, momentum: float, weight_decay: float,
+               grad_clip: float, steps: int) -> optax.GradientTransformation:
+  """One optimiser object per setting, so students of the same shape share compiled programs."""
+  t = ml_collections.ConfigDict(dict(
+      learning_rate=learning_rate, momentum=momentum, nesterov=False, weight_decay=weight_decay,
+      grad_clip=grad_clip, schedule="cosine", warmup_epochs=0.0, epochs=1, decay_points=()))
+  return training.optimizer(t, steps)
+
+
+def _keys(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[jax.Array, ...]:
+  """The initialisation, training and validation-attack keys of every proxy evaluation."""
+  return tuple(jax.random.split(parallel.replicate(mesh, jax.random.key(config.seed)), 3))
+
+
+def _splits(config: ml_collections.ConfigDict, dataset: data.Dataset) -> tuple[data.Split, ...]:
+  """The fixed training subset and validation sample of config.search.proxy."""
+  proxy = config.search.proxy
+  return (data.sample(dataset.train, proxy.train_examples),
+          data.sample(dataset.validation, proxy.validation_examples))
+
+
+def train(config: ml_collections.ConfigDict, dataset: data.Dataset, teacher_variables: dict,
+          task: Task, spec: arch.NetworkSpec, mesh: Mesh) -> tuple[dict, list]:
+  """The proxy training of `spec` from the task teacher's weights on `mesh`.
+
+  Returns the student's variables and its loss at every step (device scalars). Each step is its
+  own jitted call; a `lax.scan` over the steps would be one compile fewer, but XLA:CPU runs
+  convolution gradients inside loops with a slow naive emitter (~35x slower here).
+  """
+  config = proxy_config(config)
+  t, info = config.training, dataset.info
+  train_split, _ = _splits(config, dataset)
+  steps = t.epochs * data.steps_per_epoch(train_split, t.batch_size)
+  tx = _optimizer(t.learning_rate, t.momentum, t.weight_decay, t.grad_clip, steps)
+  model = models.build(spec, info.num_classes, info.mean, info.std, config.model.dtype)
+  teacher_spec = arch.teacher(task.teacher)
+  teacher = None
+  if t.distill_weight:
+    teacher = models.build(teacher_spec, info.num_classes, info.mean, info.std, config.model.dtype)
+  teacher_variables = parallel.replicate(mesh, teacher_variables)
+  init_key, train_key, _ = _keys(config, mesh)
+  state = _start(teacher_variables, init_key, model=model, tx=tx, teacher_spec=teacher_spec,
+                 student_spec=spec, image_shape=info.image_shape)
+  settings = training.settings_from_config(config)
+  losses = []
+  for step in range(steps):
+    preemption.check("the search (unfinished proxy evaluations are redone)")
+    images, labels = parallel.shard_batch(
+        mesh, *data.batch_at(train_split, t.batch_size, seed=config.seed, step=step))
+    state, step_metrics = _step(state, images, labels, train_key, teacher_variables,
+                                model=model, tx=tx, settings=settings, teacher=teacher)
+    losses.append(step_metrics["loss"])
+  return training.eval_variables(state, False), losses
+
+
+def robust_accuracy(config: ml_collections.ConfigDict, dataset: data.Dataset, task: Task,
+                    spec: arch.NetworkSpec, variables: dict, mesh: Mesh) -> float:
+  """The student's accuracy on the validation sample under the task's attack, in float32."""
+  _, validation = _splits(config, dataset)
+  info = dataset.info
+  images, labels = parallel.shard_or_replicate(mesh, validation.images, validation.labels)
+  float32 = models.build(spec, info.num_classes, info.mean, info.std)
+  return float(_robust_accuracy(
+      variables, images, labels, _keys(config, mesh)[2], model=float32, threat=task.attack,
+      unroll=training.unroll_attack_loops(config.evaluation.loop)))
+
+
+def evaluate_student(config: ml_collections.ConfigDict, dataset: data.Dataset,
+                     teacher_variables: dict, task: Task, spec: arch.NetworkSpec,
+                     mesh: Mesh) -> dict:
+  """Proxy training and validation attack of `spec` on `mesh`: the evaluation cache's record.
+
+  A student whose loss stops being finite is recorded as a failed evaluation, never scored.
+  """
+  started = time.perf_counter()
+  variables, losses = train(config, dataset, teacher_variables, task, spec, mesh)
+  record = {"n_examples": len(_splits(config, dataset)[1]), "attack": task.attack.describe()}
+  diverged = training.first_nonfinite(losses, 1)
+  if diverged is not None:
+    return {**record, "failed": f"proxy training diverged: non-finite loss at step {diverged}",
+            "seconds": time.perf_counter() - started}
+  accuracy = robust_accuracy(config, dataset, task, spec, variables, mesh)
+  return {**record, "robust_accuracy": accuracy, "final_loss": float(losses[-1]),
+          "seconds": time.perf_counter() - started}
+
+
+def release_programs() -> None:
+  """Frees the compiled proxy programs of finished students.
+
+  A repeated student is served by the evaluation cache, so these programs are rarely reused,
+  and each one holds executable memory maps: on Linux a long search would otherwise reach
+  vm.max_map_count (65,530 here), where LLVM fails with "Cannot allocate memory" and the
+  process dies.
+  """
+  for program in (_start, _step, _robust_accuracy):
+    program.clear_cache()
