@@ -224,8 +224,8 @@ def _train_student(env: env_lib.Environment, task: Task, spec: arch.NetworkSpec,
 
   Returns the variables to evaluate (the EMA weights when config.training.ema_decay is set).
   """
-  config = env.config
-  info = env.datasets[task.dataset].info
+  config, dataset = env.config, env.datasets[task.dataset]
+  info = dataset.info
   teacher_spec = arch.teacher(task.teacher)
   teacher_variables = env.teachers[(task.dataset, task.teacher)]
   model = models.build(spec, info.num_classes, info.mean, info.std, config.model.dtype)
@@ -237,7 +237,7 @@ def _train_student(env: env_lib.Environment, task: Task, spec: arch.NetworkSpec,
     teacher = (models.build(teacher_spec, info.num_classes, info.mean, info.std,
                             config.model.dtype),
                teacher_variables)
-  state = training.train(model, env.datasets[task.dataset].train, info.image_shape, config,
+  state = training.train(model, dataset.train, info.image_shape, config,
                          workdir, mesh, init_variables=initial, teacher=teacher,
                          progress=progress)
   return training.eval_variables(state, config.training.ema_decay > 0)

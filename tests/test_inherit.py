@@ -109,8 +109,8 @@ def test_sliced_robust_student_keeps_groups_aligned():
   # One choice for every split: each split conv keeps the chosen input channel of every group
   # and the chosen output channels, and its BN keeps the statistics of those channels.
   for k in range(7):
-    np.testing.assert_array_equal(s[f"split_conv{k}"]["kernel"],
-                                  np.asarray(t[f"split_conv{k}"]["kernel"])[:, :, local][..., split])
+    kernel = np.asarray(t[f"split_conv{k}"]["kernel"])
+    np.testing.assert_array_equal(s[f"split_conv{k}"]["kernel"], kernel[:, :, local][..., split])
     for name in ("scale", "bias"):
       np.testing.assert_array_equal(s[f"split_norm{k}"][name],
                                     np.asarray(t[f"split_norm{k}"][name])[split])

@@ -149,7 +149,8 @@ def test_single_conv_bound_is_its_operator_norm(stride, groups, padding):
   shape = (1, 7, 7, 2)
   variables = model.init(jax.random.key(14), jnp.zeros(shape))
   exact = _exact_operator_norm(lambda x: model.apply(variables, x), shape)
-  bound = lipschitz_bound.layer_lipschitz_bound(model, variables, shape[1:], jax.random.key(15), 100)
+  bound = lipschitz_bound.layer_lipschitz_bound(model, variables, shape[1:], jax.random.key(15),
+                                               100)
   assert list(bound["layers"]) == ["conv"] and bound["residual"] is None
   assert abs(bound["product"] / exact - 1) < 0.01, (bound, exact)
   # The kernel-matrix norm is a different number: the operator's own map matters.
@@ -159,7 +160,8 @@ def test_single_conv_bound_is_its_operator_norm(stride, groups, padding):
 
 def test_network_bound_covers_every_layer_and_bounds_the_jacobian(resnet):
   model, variables, logits_fn, images, exact = resnet
-  bound = lipschitz_bound.layer_lipschitz_bound(model, variables, (6, 6, 1), jax.random.key(16), 100)
+  bound = lipschitz_bound.layer_lipschitz_bound(model, variables, (6, 6, 1), jax.random.key(16),
+                                               100)
   norms = bound["layers"]
   convs = ["stem"] + [f"stage{i}_block0/{c}" for i in (0, 1)
                       for c in ("shortcut", "conv1", "conv2")]

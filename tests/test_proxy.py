@@ -45,7 +45,9 @@ def trained():
   teacher_variables = models.init(teacher, jax.random.key(0), (8, 8, 1))
   mesh = parallel.data_mesh(jax.devices()[:2])
   task = Task("digits", ThreatModel("clean", eps=0.1), "tiny-8", 10**6)
-  variables, losses = proxy.train(c, digits, teacher_variables, task, STUDENT, mesh)
+  train_split, _ = proxy.splits(c, digits)
+  variables, losses = proxy.train(c, digits.info, train_split, teacher_variables, task, STUDENT,
+                                  mesh)
   return c, digits, teacher_variables, mesh, variables, losses
 
 
@@ -62,14 +64,17 @@ def test_clean_validation_accuracy_is_the_plain_accuracy_of_the_trained_student(
   model = models.build(STUDENT, 10, digits.info.mean, digits.info.std)
   logits = model.apply(variables, jnp.asarray(validation.images, jnp.float32) / 255, train=False)
   expected = np.mean(np.argmax(np.asarray(logits), -1) == validation.labels)
-  assert proxy.robust_accuracy(c, digits, task, STUDENT, variables, mesh) == pytest.approx(
-      expected, abs=1e-6)
+  np.testing.assert_array_equal(proxy.splits(c, digits)[1].labels, validation.labels)
+  assert proxy.robust_accuracy(c, digits.info, validation, task, STUDENT, variables,
+                               mesh) == pytest.approx(expected, abs=1e-6)
 
 
 def test_an_attack_can_only_lower_the_validation_accuracy(trained):
   c, digits, _, mesh, variables, _ = trained
+  _, validation = proxy.splits(c, digits)
   accuracy = lambda threat: proxy.robust_accuracy(
-      c, digits, Task("digits", threat, "tiny-8", 10**6), STUDENT, variables, mesh)
+      c, digits.info, validation, Task("digits", threat, "tiny-8", 10**6), STUDENT, variables,
+      mesh)
   clean = accuracy(ThreatModel("clean", eps=0.1))
   fgsm = accuracy(ThreatModel("fgsm", eps=0.1))
   pgd = accuracy(ThreatModel("pgd", eps=0.1, num_steps=5))

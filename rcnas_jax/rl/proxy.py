@@ -74,24 +74,24 @@ def _keys(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[jax.Array, ...
   return tuple(jax.random.split(parallel.replicate(mesh, jax.random.key(config.seed)), 3))
 
 
-def _splits(config: ml_collections.ConfigDict, dataset: data.Dataset) -> tuple[data.Split, ...]:
+def splits(config: ml_collections.ConfigDict, dataset: data.Dataset) -> tuple[data.Split, ...]:
   """The fixed training subset and validation sample of config.search.proxy."""
   proxy = config.search.proxy
   return (data.sample(dataset.train, proxy.train_examples),
           data.sample(dataset.validation, proxy.validation_examples))
 
 
-def train(config: ml_collections.ConfigDict, dataset: data.Dataset, teacher_variables: dict,
-          task: Task, spec: arch.NetworkSpec, mesh: Mesh) -> tuple[dict, list]:
-  """The proxy training of `spec` from the task teacher's weights on `mesh`.
+def train(config: ml_collections.ConfigDict, info: data.DatasetInfo, train_split: data.Split,
+          teacher_variables: dict, task: Task, spec: arch.NetworkSpec,
+          mesh: Mesh) -> tuple[dict, list]:
+  """The proxy training of `spec` on `train_split`, from the task teacher's weights, on `mesh`.
 
   Returns the student's variables and its loss at every step (device scalars). Each step is its
   own jitted call; a `lax.scan` over the steps would be one compile fewer, but XLA:CPU runs
   convolution gradients inside loops with a slow naive emitter (~35x slower here).
   """
   config = proxy_config(config)
-  t, info = config.training, dataset.info
-  train_split, _ = _splits(config, dataset)
+  t = config.training
   steps = t.epochs * data.steps_per_epoch(train_split, t.batch_size)
   tx = _optimizer(t.learning_rate, t.momentum, t.weight_decay, t.grad_clip, steps)
   model = models.build(spec, info.num_classes, info.mean, info.std, config.model.dtype)
@@ -115,11 +115,10 @@ def train(config: ml_collections.ConfigDict, dataset: data.Dataset, teacher_vari
   return training.eval_variables(state, False), losses
 
 
-def robust_accuracy(config: ml_collections.ConfigDict, dataset: data.Dataset, task: Task,
-                    spec: arch.NetworkSpec, variables: dict, mesh: Mesh) -> float:
-  """The student's accuracy on the validation sample under the task's attack, in float32."""
-  _, validation = _splits(config, dataset)
-  info = dataset.info
+def robust_accuracy(config: ml_collections.ConfigDict, info: data.DatasetInfo,
+                    validation: data.Split, task: Task, spec: arch.NetworkSpec, variables: dict,
+                    mesh: Mesh) -> float:
+  """The student's accuracy on `validation` under the task's attack, in float32."""
   images, labels = parallel.shard_or_replicate(mesh, validation.images, validation.labels)
   float32 = models.build(spec, info.num_classes, info.mean, info.std)
   return float(_robust_accuracy(
@@ -135,13 +134,15 @@ def evaluate_student(config: ml_collections.ConfigDict, dataset: data.Dataset,
   A student whose loss stops being finite is recorded as a failed evaluation, never scored.
   """
   started = time.perf_counter()
-  variables, losses = train(config, dataset, teacher_variables, task, spec, mesh)
-  record = {"n_examples": len(_splits(config, dataset)[1]), "attack": task.attack.describe()}
+  train_split, validation = splits(config, dataset)
+  variables, losses = train(config, dataset.info, train_split, teacher_variables, task, spec,
+                            mesh)
+  record = {"n_examples": len(validation), "attack": task.attack.describe()}
   diverged = training.first_nonfinite(losses, 1)
   if diverged is not None:
     return {**record, "failed": f"proxy training diverged: non-finite loss at step {diverged}",
             "seconds": time.perf_counter() - started}
-  accuracy = robust_accuracy(config, dataset, task, spec, variables, mesh)
+  accuracy = robust_accuracy(config, dataset.info, validation, task, spec, variables, mesh)
   return {**record, "robust_accuracy": accuracy, "final_loss": float(losses[-1]),
           "seconds": time.perf_counter() - started}
 

@@ -77,15 +77,14 @@ def make_learner(config: ml_collections.ConfigDict, num_stages: int) -> Learner:
   return _learner(PolicySettings(**config.search.policy), num_stages)
 
 
-def fresh_state(learner: Learner, seed: int, observation: policy.Observation) -> dict:
-  """A new policy with its optimiser state, at iteration 0 (the same for every phase)."""
-  params = policy.init(learner.network, jax.random.key(seed), observation)
-  return {"params": params, "opt_state": learner.tx.init(params), "iteration": jnp.int32(0)}
-
-
 def continued_state(learner: Learner, params: dict) -> dict:
   """`params` (e.g. meta-trained) with a fresh optimiser, at iteration 0."""
   return {"params": params, "opt_state": learner.tx.init(params), "iteration": jnp.int32(0)}
+
+
+def fresh_state(learner: Learner, seed: int, observation: policy.Observation) -> dict:
+  """A new policy with its optimiser state, at iteration 0 (the same for every phase)."""
+  return continued_state(learner, policy.init(learner.network, jax.random.key(seed), observation))
 
 
 def _losses(params, network, observation, actions, rewards, old_log_probs, p):
