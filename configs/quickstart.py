@@ -25,6 +25,10 @@ def get_config():
   c.dataset.name = "digits"
   c.dataset.max_train_examples = 2000  # Caps MNIST-5k's 3,600 (digits has 1,294).
   c.dataset.max_image_size = 14  # MNIST-5k at 14x14: a CPU search is compile- and size-bound.
+  # 30% of the train pool is validation: the reward's 144 images and a disjoint selection set
+  # of 288 on which each method's top 3 students are compared before one is delivered.
+  c.dataset.validation_size = 0.3
+  c.search.selection.examples = 288
   c.attack.update(eps=0.1, step_size=0.025, num_steps=5)
   c.training.update(epochs=6, batch_size=64, learning_rate=0.05, schedule="cosine",
                     warmup_epochs=1.0, log_every_steps=20)

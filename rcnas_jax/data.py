@@ -109,10 +109,15 @@ def sample(split: Split, count: int, seed: int = 0) -> Split:
   Splits keep their source order, which for some datasets is sorted by class, so "the first N
   examples" would be a biased subset; use this instead.
   """
+  return partition(split, count, seed)[0]
+
+
+def partition(split: Split, count: int, seed: int = 0) -> tuple[Split, Split]:
+  """`sample(split, count, seed)` and the examples it left out (empty when it took all)."""
   if not count or count >= len(split):
-    return split
-  _, chosen = _holdout(split.labels, count, seed)
-  return _take(split, chosen)
+    return split, _take(split, np.arange(0))
+  rest, chosen = _holdout(split.labels, count, seed)
+  return _take(split, chosen), _take(split, rest)
 
 
 def steps_per_epoch(split: Split, batch_size: int) -> int:

@@ -39,9 +39,17 @@ def load_dataset(config: ml_collections.ConfigDict, name: str | None = None) -> 
   """The configured dataset's splits (or those of dataset `name` with the same settings)."""
   d = config.dataset
   return data.load(name or d.name, data_dir=d.data_dir or None,
-                   validation_size=d.validation_size, seed=config.seed, download=d.download,
+                   validation_size=d.validation_size, seed=d.split_seed, download=d.download,
                    max_train_examples=d.max_train_examples or None,
                    max_image_size=d.max_image_size or None)
+
+
+def training_data(config: ml_collections.ConfigDict, name: str) -> dict:
+  """What decides the training examples of dataset `name` (`load_dataset`): an export records
+  it, so that a teacher loaded into a search can be checked against the search's split."""
+  d = config.dataset
+  return {"dataset": name, "split_seed": d.split_seed, "validation_size": d.validation_size,
+          "max_train_examples": d.max_train_examples, "max_image_size": d.max_image_size}
 
 
 def evaluate_on_test(config, model, variables, split: data.Split, mesh,
@@ -102,7 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   export.export_student(os.path.join(workdir, "export"), spec, variables,
                         num_classes=info.num_classes, image_shape=info.image_shape,
                         mean=info.mean, std=info.std, metrics={"results": results},
-                        dataset=info.name)
+                        dataset=info.name, training_data=training_data(config, info.name))
   return results
 
 
@@ -185,6 +193,8 @@ def train_teachers(config, datasets: dict[str, data.Dataset], pairs, workdir: st
     if config.teacher.checkpoint_dir:
       teachers[(dataset_name, teacher_name)] = _load_teacher(
           os.path.join(config.teacher.checkpoint_dir, name), spec, info)
+      if warning := teacher_data_warning(config, dataset_name, teacher_name):
+        print(f"warning: {warning}")
       continue
     model = models.build(spec, info.num_classes, info.mean, info.std, config.model.dtype)
     print(f"teacher {name}: {_describe(spec, info)['macs']:,} MACs")
@@ -196,6 +206,21 @@ def train_teachers(config, datasets: dict[str, data.Dataset], pairs, workdir: st
     teachers[(dataset_name, teacher_name)] = training.eval_variables(
         state, config.training.ema_decay > 0)
   return teachers
+
+
+def teacher_data_warning(config: ml_collections.ConfigDict, dataset: str,
+                         teacher: str) -> str | None:
+  """Why a teacher loaded from config.teacher.checkpoint_dir may have seen this search's
+  validation images (its export does not record training on this split), or None."""
+  if not config.teacher.checkpoint_dir:
+    return None
+  path = os.path.join(config.teacher.checkpoint_dir, f"{dataset}-{teacher}")
+  recorded = (store.read_json(os.path.join(path, "student.json")) or {}).get("training_data")
+  if recorded == training_data(config, dataset):
+    return None
+  return (f"the teacher {path} does not record training on this search's split ({recorded} vs "
+          f"{training_data(config, dataset)}): it may have seen validation images, which would "
+          "bias the rewards and the selection")
 
 
 def _load_teacher(path: str, spec: arch.NetworkSpec, info: data.DatasetInfo) -> dict:
@@ -269,7 +294,8 @@ def _train_final(env, task: Task, spec: arch.NetworkSpec, workdir: str, mesh,
     export.export_student(os.path.join(directory, "export"), spec, variables,
                           num_classes=dataset.info.num_classes,
                           image_shape=dataset.info.image_shape, mean=dataset.info.mean,
-                          std=dataset.info.std, metrics=done, dataset=task.dataset)
+                          std=dataset.info.std, metrics=done, dataset=task.dataset,
+                          training_data=training_data(config, task.dataset))
     store.write_json(path, done)
   return done
 
@@ -391,7 +417,7 @@ def search_phases(env: env_lib.Environment, target: Task, workdir: str,
   infos = {n: d.info for n, d in env.datasets.items()}
   num_stages = len(arch.teacher(target.teacher).stages)
   learner = search.make_learner(config, num_stages)
-  learned, uniform = search.PolicySampler(learner), search.RandomSampler(num_stages)
+  learned = search.PolicySampler(learner)
   fresh = search.fresh_state(learner, config.seed, env_lib.observe(env, target))
   print(f"target task: {target.key()} (held out of meta-training)")
   weights = lambda pairs: {f"{d}-{t}": env.teacher_weights[(d, t)] for d, t in pairs}
@@ -409,17 +435,35 @@ def search_phases(env: env_lib.Environment, target: Task, workdir: str,
   _, phases["finetune"] = timer.run("fine-tuning", lambda: search.run_phase(
       "finetune", env, lambda i: target, s.finetune_updates, meta_trained,
       directory("finetune", finetune_key), learned))
-  if "rnas" in s.baselines:
-    rnas_key = artifacts.phase(config, "rnas", on_target, target.key())
-    _, phases["rnas"] = timer.run("R-NAS", lambda: search.run_phase(
-        "rnas", env, lambda i: target, s.finetune_updates, fresh, directory("rnas", rnas_key),
-        learned))
-  if "random" in s.baselines:
-    random_key = artifacts.phase(config, "random", on_target, target.key())
-    _, phases["random"] = timer.run("random search", lambda: search.run_phase(
-        "random", env, lambda i: target, s.finetune_updates, fresh,
-        directory("random", random_key), uniform))
+  for phase in s.baselines:  # The same evaluations on the target, from a fresh state.
+    sampler = learned if phase == "rnas" else search.make_sampler(config, phase, num_stages)
+    key = artifacts.phase(config, phase, on_target, target.key())
+    _, phases[phase] = timer.run(report.PHASE_LABELS[phase], lambda: search.run_phase(
+        phase, env, lambda i: target, s.finetune_updates, fresh, directory(phase, key), sampler))
   return phases
+
+
+# The search phase whose students each method delivers.
+METHODS = {"finetune": "RC-NAS", "rnas": "R-NAS", "random": "random search",
+           "evolution": "regularized evolution"}
+
+
+def selections(phases: dict[str, list[env_lib.Episode]], budget_macs: int,
+               top_k: int) -> dict[str, dict]:
+  """Per method: its evaluations (RC-NAS's with meta-training's), its top k within-budget
+  students and the one delivered (None when no student fits the budget)."""
+  chosen = {}
+  for phase, method in METHODS.items():
+    if phase not in phases:
+      continue
+    top = search.top_within_budget(phases[phase], budget_macs, top_k)
+    best = search.selected(top)
+    chosen[method] = {
+        "phase": phase, "evaluations": len(phases[phase]),
+        "meta_evaluations": len(phases.get("meta", [])) if phase == "finetune" else 0,
+        "candidates": [e.to_dict() for e in top],
+        "delivered": None if best is None else top.index(best)}
+  return chosen
 
 
 def rc_nas(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -432,13 +476,17 @@ def rc_nas(config: ml_collections.ConfigDict, workdir: str) -> dict:
   candidates = {"hand-scaled RobustResNet": arch.compound_scaled(
       target.budget_macs, info.image_shape[0], info.num_classes, info.image_shape[-1],
       s.width_multiple)}
-  for phase, method in (("random", "random search"), ("rnas", "R-NAS"), ("finetune", "RC-NAS")):
-    best = search.best_episode(phases.get(phase, []))
-    if best is not None:
-      candidates[method] = arch.spec_from_dict(best.spec)
+  chosen = selections(phases, target.budget_macs, s.selection.top_k)
+  for method, selection in chosen.items():
+    if selection["delivered"] is not None:
+      candidates[method] = arch.spec_from_dict(
+          selection["candidates"][selection["delivered"]]["spec"])
   rows = timer.run("final trainings", lambda: final_rows(env, target, candidates, workdir))
+  warnings = [w for d, t in sorted({(d, t) for d in s.datasets for t in s.teachers}
+                                    | {(target.dataset, target.teacher)})
+              if (w := teacher_data_warning(config, d, t))]
   return report.write(workdir, config, target, rows, phases, search.summary(phases), timer.times,
-                      timer.compiles)
+                      timer.compiles, chosen, warnings)
 
 
 # Files that describe one run's results: removed when a run with other settings starts.

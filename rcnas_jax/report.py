@@ -16,7 +16,7 @@ from rcnas_jax.nets import arch  # noqa: E402
 from rcnas_jax.runtime import parallel, store  # noqa: E402
 
 PHASE_LABELS = {"meta": "meta-training", "finetune": "RC-NAS fine-tuning", "rnas": "R-NAS",
-                "random": "random search"}
+                "random": "random search", "evolution": "regularized evolution"}
 
 
 def markdown(report: dict) -> str:
@@ -25,15 +25,23 @@ def markdown(report: dict) -> str:
   header = "| method | params | MACs | " + " | ".join(f"{a} (%)" for a in attacks) + " |"
   lines = [f"# RC-NAS report: {report['target']}", "",
            f"Test split, {report['n_examples']} examples, eval-mode BN; budget "
-           f"{report['budget_macs']:,} MACs.", "", header,
-           "|---|---:|---:|" + "---:|" * len(attacks)]
+           f"{report['budget_macs']:,} MACs.", ""]
+  for warning in report.get("warnings", []):
+    lines += [f"**Warning:** {warning}", ""]
+  lines += [header, "|---|---:|---:|" + "---:|" * len(attacks)]
   for row in report["rows"]:
     accuracies = " | ".join(f"{100 * row['results'][a]['accuracy']:.2f}" for a in attacks)
     over = "" if row["macs"] <= report["budget_macs"] else " (over budget)"
     lines.append(f"| {row['method']} | {row['params']:,} | {row['macs']:,}{over} | "
                  f"{accuracies} |")
+  for method, selection in report.get("selection", {}).items():
+    if selection["delivered"] is None:
+      lines.append(f"| {method} | none fits: 0 of its {selection['evaluations']} students "
+                   "within budget |" + " |" * (1 + len(attacks)))
   lines += ["", "Attacks:"] + [f"- {a}: {report['rows'][0]['results'][a]['attack']}"
                                for a in attacks]
+  if report.get("selection"):
+    lines += ["", selection_table(report["selection"])]
   lines += ["", "| search phase | evaluations | best validation reward | evaluations to best |",
             "|---|---:|---:|---:|"]
   for phase, stats in report["search"].items():
@@ -46,6 +54,27 @@ def markdown(report: dict) -> str:
   if report.get("compiles"):
     lines += ["", compile_table(report["timings"], report["compiles"])]
   return "\n".join(lines) + "\n"
+
+
+def selection_table(selection: dict[str, dict]) -> str:
+  """Per method: its evaluations, and its top within-budget students by validation reward
+  with their accuracy on the disjoint selection set; the delivered one is marked."""
+  lines = ["Each method delivers, of its top within-budget students by validation reward, the "
+           "best on the selection set (validation images disjoint from the reward's).", "",
+           "| method | evaluations | candidate | MACs | validation reward | selection set (%) |",
+           "|---|---:|---:|---:|---:|---:|"]
+  for method, s in selection.items():
+    evaluations = str(s["evaluations"]) + (f" (+{s['meta_evaluations']} meta-training)"
+                                           if s["meta_evaluations"] else "")
+    if not s["candidates"]:
+      lines.append(f"| {method} | {evaluations} | none fits the budget | | | |")
+    for i, e in enumerate(s["candidates"]):
+      mark = " (delivered)" if i == s["delivered"] else ""
+      accuracy = ("n/a" if e["selection_accuracy"] is None
+                  else f"{100 * e['selection_accuracy']:.2f}")
+      lines.append(f"| {method if i == 0 else ''} | {evaluations if i == 0 else ''} | "
+                   f"{i + 1}{mark} | {e['macs']:,} | {e['reward']:.4f} | {accuracy} |")
+  return "\n".join(lines)
 
 
 def compile_table(timings: dict, compiles: dict) -> str:
@@ -113,17 +142,20 @@ def plot_topology(teacher: arch.NetworkSpec, student: arch.NetworkSpec, path: st
 
 
 def write(workdir: str, config, target, rows: list[dict], phases: dict[str, list],
-          search: dict[str, dict], timings: dict, compiles: dict | None = None) -> dict:
+          search: dict[str, dict], timings: dict, compiles: dict | None = None,
+          selection: dict | None = None, warnings: list[str] = ()) -> dict:
   """Writes report.json, report.md and the plots (process 0 only); returns the report.
 
   `phases` maps a phase to its episodes (`env.Episode`), `search` to its statistics
-  (`search.summary`), and `compiles` to its compilation.CompileStats.to_dict().
+  (`search.summary`), `compiles` to its compilation.CompileStats.to_dict(), and `selection`
+  each method to how its student was chosen (`pipeline.selections`); `warnings` head the
+  Markdown.
   """
   report = {
       "target": target.key(), "budget_macs": target.budget_macs,
       "n_examples": rows[0]["results"][next(iter(rows[0]["results"]))]["n_examples"],
       "rows": rows,
-      "search": search,
+      "search": search, "selection": selection or {}, "warnings": list(warnings),
       "timings": timings, "compiles": compiles or {}, "seed": config.seed,
       "config": config.to_dict(),
   }

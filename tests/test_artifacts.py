@@ -7,7 +7,7 @@ from rcnas_jax import config as config_lib
 from rcnas_jax.runtime import artifacts
 
 GROUPS = (artifacts.DATA + artifacts.RECIPE + artifacts.PROXY + artifacts.PROBE
-          + artifacts.SEARCH + artifacts.POLICY + artifacts.META_TASKS
+          + artifacts.SEARCH + artifacts.POLICY + artifacts.EVOLUTION + artifacts.META_TASKS
           + artifacts.TEST_EVALUATION + ("training.method", "training.epochs", "teacher.epochs"))
 
 
@@ -45,6 +45,7 @@ KEYS = {
     "evaluation": lambda c: artifacts.evaluation(c, "task", {"spec": 1}, "weights"),
     "meta": lambda c: artifacts.phase(c, "meta", {"digits-tiny-8": "w"}, "task"),
     "random": lambda c: artifacts.phase(c, "random", {"digits-tiny-8": "w"}, "task"),
+    "evolution": lambda c: artifacts.phase(c, "evolution", {"digits-tiny-8": "w"}, "task"),
     "training": lambda c: artifacts.training(c, "digits", {"spec": 1}, "weights"),
     "test-evaluation": lambda c: artifacts.test_evaluation(c, "digits", "weights"),
 }
@@ -55,10 +56,16 @@ KEYS = {
     ("training.epochs", 7, {"training"}),
     ("teacher.epochs", 7, {"teacher"}),
     ("training.learning_rate", 0.2, {"teacher", "training"}),  # Proxies have their own.
-    ("training.method", "pgd_at", {"teacher", "training", "evaluation", "meta", "random"}),
-    ("search.proxy.epochs", 3, {"evaluation", "meta", "random"}),
-    ("search.beta", 3.0, {"meta", "random"}),
+    # The validation split is carved by split_seed, never by seed; the test split is fixed.
+    ("dataset.split_seed", 1, set(KEYS) - {"test-evaluation"}),
+    ("training.method", "pgd_at", {"teacher", "training", "evaluation", "meta", "random",
+                                   "evolution"}),
+    ("search.proxy.epochs", 3, {"evaluation", "meta", "random", "evolution"}),
+    ("search.selection.examples", 512, {"evaluation", "meta", "random", "evolution"}),
+    ("search.selection.top_k", 1, set()),  # It only chooses among finished evaluations.
+    ("search.beta", 3.0, {"meta", "random", "evolution"}),
     ("search.policy.learning_rate", 0.1, {"meta"}),  # Random search has no policy.
+    ("search.evolution.tournament", 5, {"evolution"}),
     ("search.datasets", ("digits",), {"meta"}),
     ("search.probe_size", 32, {"probe", "meta"}),
     ("evaluation.eps", 0.05, {"test-evaluation"}),

@@ -226,13 +226,61 @@ def test_initial_policy_keeps_half_with_moderate_spread(network_and_params):
       np.testing.assert_allclose(getattr(output, field), math.log(0.5), atol=0.05)
 
 
-@pytest.mark.parametrize("bias,expected", [(10.0, policy.LOG_STD_MAX), (-10.0, policy.LOG_STD_MIN)])
-def test_log_std_is_clipped(network_and_params, bias, expected):
+@pytest.mark.parametrize("bias,bound", [(30.0, policy.LOG_STD_MAX), (-30.0, policy.LOG_STD_MIN)])
+def test_log_std_is_bounded_smoothly(network_and_params, bias, bound):
   network, params = network_and_params
-  changed = jax.tree.map(lambda x: x, params)
-  changed["stage0_head"]["depth_log_std"]["bias"] = jnp.full((1,), bias)
-  output = policy.apply(network, changed, _observation(7))
-  assert float(output.depth_log_std[0]) == expected
+
+  def log_std(b):
+    changed = jax.tree.map(lambda x: x, params)
+    changed["stage0_head"]["depth_log_std"]["bias"] = jnp.full((1,), b)
+    return policy.apply(network, changed, _observation(7)).depth_log_std[0]
+
+  np.testing.assert_allclose(float(log_std(bias)), bound, atol=1e-5)
+  # Inside the range it is the scaled sigmoid of the head's output, whose slope never vanishes
+  # exactly (a clip's is 0 past the bound, and the policy could never come back).
+  np.testing.assert_allclose(float(policy.bounded_log_std(jnp.float32(0.0))),
+                             (policy.LOG_STD_MIN + policy.LOG_STD_MAX) / 2, rtol=1e-6)
+  slope = float(jax.grad(lambda b: log_std(b))(jnp.float32(bias / 3)))
+  expected = (policy.LOG_STD_MAX - policy.LOG_STD_MIN) * float(
+      special.expit(bias / 3) * special.expit(-bias / 3))
+  np.testing.assert_allclose(slope, expected, rtol=0.05)
+  assert slope > 0
+
+
+@pytest.mark.parametrize("wanted,limit,kept", [
+    ([1, 1, 1], 2, [1, 1, 0]), ([1, 0, 1], 1, [1, 0, 0]), ([0, 1, 1], 1, [0, 1, 0]),
+    ([1, 1, 1], 0, [0, 0, 0]), ([1, 0, 1], 5, [1, 0, 1])])
+def test_mask_downsample_keeps_the_first_buildable_choices(wanted, limit, kept):
+  np.testing.assert_array_equal(policy.mask_downsample(jnp.array(wanted), limit), kept)
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2, 3])
+def test_masked_downsample_probabilities_sum_to_one_and_match_sampling(limit):
+  """log_prob of the masked choices is a distribution over the buildable ones, and the one
+  `sample` draws from."""
+  output = _output(depth_mean=[0.0] * 3, depth_log_std=[0.0] * 3, width_mean=[0.0] * 3,
+                   width_log_std=[0.0] * 3, downsample_logit=[0.8, -0.3, 1.2],
+                   robust_logit=[0.0] * 3)
+  zeros = jnp.zeros(3)
+  probability = {}
+  for bits in np.ndindex(2, 2, 2):
+    choice = jnp.array(bits, jnp.int32)
+    if (policy.mask_downsample(choice, limit) != choice).any():
+      continue  # Never sampled: not buildable.
+    action = policy.Action(zeros, zeros, choice, jnp.zeros(3, jnp.int32))
+    ratio_terms = policy.log_prob(output, action._replace(downsample=jnp.zeros(3, jnp.int32)),
+                                  3)  # Everything but the downsample choices.
+    unmasked_zero = float(jnp.sum(policy.bernoulli_log_prob(output.downsample_logit,
+                                                            jnp.zeros(3))))
+    probability[bits] = math.exp(float(policy.log_prob(output, action, limit)) - float(
+        ratio_terms) + unmasked_zero)
+  np.testing.assert_allclose(sum(probability.values()), 1.0, rtol=1e-5)
+  draws = jax.vmap(policy.sample, in_axes=(None, 0, None))(
+      output, jax.random.split(jax.random.key(limit), 20_000), limit).downsample
+  assert int((draws.sum(-1) > limit).sum()) == 0
+  for bits, p in probability.items():
+    frequency = float(jnp.all(draws == jnp.array(bits), -1).mean())
+    assert abs(frequency - p) < 4 * math.sqrt(p * (1 - p) / 20_000) + 1e-3, (bits, frequency, p)
 
 
 @pytest.mark.parametrize("num_task_features", [1, 9])
@@ -316,6 +364,18 @@ def test_ppo_at_the_old_policy_is_the_policy_gradient():
   vanilla = lambda lp: policy.policy_gradient_loss(lp, advantages)
   assert math.isclose(float(ppo(log_probs)), -float(jnp.mean(advantages)), rel_tol=1e-6)
   np.testing.assert_allclose(jax.grad(ppo)(log_probs), jax.grad(vanilla)(log_probs), rtol=1e-6)
+
+
+def test_leave_one_out_baseline_and_normalised_advantages_by_hand():
+  rewards = jnp.array([0.2, 0.5, -1.0, 0.9])
+  np.testing.assert_allclose(policy.leave_one_out_baseline(rewards),
+                             [(0.5 - 1.0 + 0.9) / 3, (0.2 - 1.0 + 0.9) / 3,
+                              (0.2 + 0.5 + 0.9) / 3, (0.2 + 0.5 - 1.0) / 3], rtol=1e-6)
+  advantages = jnp.array([0.3, -0.1, 0.4, -0.6])
+  np.testing.assert_allclose(policy.normalised(advantages),
+                             np.array([0.3, -0.1, 0.4, -0.6]) / np.std([0.3, -0.1, 0.4, -0.6]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(policy.normalised(jnp.zeros(3)), 0.0)  # No division by zero.
 
 
 def test_value_loss_by_hand():

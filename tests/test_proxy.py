@@ -45,7 +45,7 @@ def trained():
   teacher_variables = models.init(teacher, jax.random.key(0), (8, 8, 1))
   mesh = parallel.data_mesh(jax.devices()[:2])
   task = Task("digits", ThreatModel("clean", eps=0.1), "tiny-8", 10**6)
-  train_split, _ = proxy.splits(c, digits)
+  train_split, _, _ = proxy.splits(c, digits)
   variables, losses = proxy.train(c, digits.info, train_split, teacher_variables, task, STUDENT,
                                   mesh)
   return c, digits, teacher_variables, mesh, variables, losses
@@ -71,7 +71,7 @@ def test_clean_validation_accuracy_is_the_plain_accuracy_of_the_trained_student(
 
 def test_an_attack_can_only_lower_the_validation_accuracy(trained):
   c, digits, _, mesh, variables, _ = trained
-  _, validation = proxy.splits(c, digits)
+  _, validation, _ = proxy.splits(c, digits)
   accuracy = lambda threat: proxy.robust_accuracy(
       c, digits.info, validation, Task("digits", threat, "tiny-8", 10**6), STUDENT, variables,
       mesh)
@@ -79,3 +79,20 @@ def test_an_attack_can_only_lower_the_validation_accuracy(trained):
   fgsm = accuracy(ThreatModel("fgsm", eps=0.1))
   pgd = accuracy(ThreatModel("pgd", eps=0.1, num_steps=5))
   assert clean > 0.3 and pgd <= fgsm + 1 / 64 and fgsm < clean
+
+
+def test_the_selection_set_is_disjoint_from_the_reward_sample_and_chunks_exactly(trained):
+  c, digits, _, mesh, variables, _ = trained
+  c.search.selection.examples = 0  # All the rest of the 144 validation digits.
+  _, reward, selection = proxy.splits(c, digits)
+  assert len(reward) == 64 and len(selection) == 144 - 64
+  seen = lambda split: {image.tobytes() for image in split.images}
+  assert not seen(reward) & seen(selection)
+  assert seen(reward) | seen(selection) <= seen(digits.validation)
+  task = Task("digits", ThreatModel("clean", eps=0.1), "tiny-8", 10**6)
+  model = models.build(STUDENT, 10, digits.info.mean, digits.info.std)
+  logits = model.apply(variables, jnp.asarray(selection.images, jnp.float32) / 255, train=False)
+  expected = np.mean(np.argmax(np.asarray(logits), -1) == selection.labels)
+  # Two chunks of the reward's 64 images, the second padded by wrapping around: same number.
+  assert proxy.robust_accuracy(c, digits.info, selection, task, STUDENT, variables, mesh,
+                               chunk=64) == pytest.approx(expected, abs=1e-6)

@@ -1,6 +1,6 @@
 """The report: Markdown table with settings, and the three plots."""
 
-from rcnas_jax import config as config_lib, report
+from rcnas_jax import config as config_lib, pipeline, report
 from rcnas_jax.nets import arch
 from rcnas_jax.rl import search
 from rcnas_jax.rl.env import Episode
@@ -53,3 +53,31 @@ def test_report_lists_compiles_when_given(tmp_path):
                         {"teachers": 3.0}, compiles)
   assert result["compiles"] == compiles
   assert "| teachers | 3.0 | 2 | 1.0 | 0.2 | 2 |" in (tmp_path / "report.md").read_text()
+
+
+def test_selection_table_marks_the_delivered_student_and_methods_where_none_fits(tmp_path):
+  task = Task("digits", ThreatModel("cw", eps=0.1, num_steps=10), "tiny-8", 1000)
+  student = lambda phase, i, reward, macs, selection: Episode(
+      phase, i, 0, task.key(), reward=reward, valid=True, macs=macs, spec={"i": i},
+      selection_accuracy=selection)
+  phases = {"meta": [student("meta", i, 0.1, 10, 0.1) for i in range(8)],
+            "finetune": [student("finetune", 0, 0.6, 900, 0.30),
+                         student("finetune", 1, 0.9, 1500, 0.9),  # Over budget.
+                         student("finetune", 2, 0.5, 800, 0.35),
+                         student("finetune", 3, 0.2, 10, 0.2)],
+            "random": [student("random", 0, 0.7, 2000, 0.5)]}
+  chosen = pipeline.selections(phases, task.budget_macs, top_k=2)
+  assert chosen["RC-NAS"]["delivered"] == 1  # The second by reward, the best on selection.
+  assert [c["macs"] for c in chosen["RC-NAS"]["candidates"]] == [900, 800]
+  assert chosen["RC-NAS"]["meta_evaluations"] == 8
+  assert chosen["random search"]["delivered"] is None and "R-NAS" not in chosen
+  rows = [_row("teacher (tiny-8)", 5000, 0.5), _row("RC-NAS", 800, 0.4)]
+  report.write(str(tmp_path), config_lib.base_config(), task, rows, phases,
+               search.summary(phases), {}, None, chosen, ["the teacher saw validation images"])
+  text = (tmp_path / "report.md").read_text()
+  assert "**Warning:** the teacher saw validation images" in text
+  assert (
+      "| random search | none fits: 0 of its 1 students within budget | | | |") in text
+  assert "| RC-NAS | 4 (+8 meta-training) | 1 | 900 | 0.6000 | 30.00 |" in text
+  assert "|  |  | 2 (delivered) | 800 | 0.5000 | 35.00 |" in text
+  assert "| random search | 1 | none fits the budget | | | |" in text

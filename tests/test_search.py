@@ -1,5 +1,7 @@
 """Search: policy updates that learn, the samplers, the update keys, exact resume of a phase."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +83,51 @@ def test_random_actions_cover_the_space():
   assert all(len(s) == 3 and 0 < s[0].depth_ratio < 1 for s in students)
 
 
+def test_random_actions_never_downsample_more_than_the_image_allows():
+  actions = search.random_actions(jax.random.key(0), 3, 200, max_downsamples=1)
+  assert int(actions.downsample.sum(-1).max()) == 1
+  assert 0.3 < float(actions.downsample[:, 0].mean()) < 0.7  # A first choice stays a coin.
+
+
+def _population(n: int, rng) -> list[Episode]:
+  """n episodes with random actions [depth, width, downsample, robust] over 3 stages."""
+  return [Episode("evolution", i, 0, "t", reward=float(rng.uniform()), valid=True,
+                  actions=[[float(rng.uniform(0.1, 0.9)), float(rng.uniform(0.1, 0.9)),
+                            int(rng.integers(2)), int(rng.integers(2))] for _ in range(3)])
+          for i in range(n)]
+
+
+def _children(sampler, history, n=60):
+  actions = sampler.sample(None, _observation(), jax.random.key(1), n, history)
+  return [[list(stage) for stage in env_lib.chosen(search.stage_actions(actions, i))]
+          for i in range(n)]
+
+
+def _differences(a: list, b: list) -> list[tuple[int, int]]:
+  return [(s, f) for s in range(3) for f in range(4) if abs(a[s][f] - b[s][f]) > 1e-4]
+
+
+def test_evolution_mutates_one_choice_of_the_tournament_winner():
+  history = _population(25, np.random.default_rng(0))
+  population = history[-10:]  # Ageing: only the last 10 students can be parents.
+  best = max(population, key=lambda e: e.reward)
+  everyone = search.EvolutionSampler(3, population=10, tournament=10)  # The winner is the best.
+  children = _children(everyone, history)
+  assert all(len(_differences(child, best.actions)) == 1 for child in children)
+  assert len({d for child in children for d in _differences(child, best.actions)}) > 6
+  one = search.EvolutionSampler(3, population=10, tournament=1)  # Any member can be a parent.
+  parents = [min(population, key=lambda e: len(_differences(child, e.actions)))
+             for child in _children(one, history)]
+  assert len({p.iteration for p in parents}) >= 6
+  assert all(p in population for p in parents)
+
+
+def test_evolution_starts_from_random_students():
+  history = _population(4, np.random.default_rng(0))
+  children = _children(search.EvolutionSampler(3, population=10), history, n=8)
+  assert all(len(_differences(child, e.actions)) > 3 for child in children for e in history)
+
+
 def _fake_environment(monkeypatch, c):
   """An environment whose episodes score actions by a formula instead of training."""
   calls = []
@@ -117,14 +164,35 @@ def test_a_stopped_phase_resumes_exactly(tmp_path, monkeypatch):
   assert len(calls) == 16 + 16  # The resumed run re-evaluated nothing it had finished.
 
 
-def _episodes(rewards_and_validity, phase="rnas"):
-  return [Episode(phase, i, 0, "t", reward=r, valid=v) for i, (r, v) in
-          enumerate(rewards_and_validity)]
+def _episodes(rewards_and_validity, phase="rnas", macs=None, selection=None):
+  n = len(rewards_and_validity)
+  macs, selection = macs or [100] * n, selection or [None] * n
+  return [Episode(phase, i, 0, "t", reward=r, valid=v, macs=macs[i],
+                  selection_accuracy=selection[i], spec={"student": i})
+          for i, (r, v) in enumerate(rewards_and_validity)]
 
 
-def test_best_episode_evaluations_to_best_and_summary():
+def test_top_within_budget_and_selected_deliver_only_students_that_fit():
+  episodes = _episodes([(0.2, True), (-1.0, False), (0.5, True), (0.95, True), (0.9, False),
+                        (0.4, True)], macs=[100, 0, 100, 150, 100, 90],
+                       selection=[0.3, None, 0.1, 0.99, None, 0.35])
+  top = search.top_within_budget(episodes, budget_macs=100, k=3)
+  assert top == [episodes[2], episodes[5], episodes[0]]  # 3 is over budget, 1 and 4 invalid.
+  assert search.selected(top) is episodes[5]  # The best on the selection set, not by reward.
+  assert search.selected([]) is None
+  assert search.top_within_budget(episodes, budget_macs=50, k=3) == []  # None fits.
+  no_selection_set = _episodes([(0.2, True), (0.5, True)])
+  assert search.selected(no_selection_set) is no_selection_set[1]
+
+
+def test_a_student_evaluated_twice_is_one_candidate():
+  episodes = _episodes([(0.5, True), (0.4, True), (0.5, True)])
+  episodes[2] = dataclasses.replace(episodes[2], spec=episodes[0].spec)
+  assert search.top_within_budget(episodes, 100, 3) == [episodes[0], episodes[1]]
+
+
+def test_evaluations_to_best_and_summary():
   episodes = _episodes([(0.2, True), (-1.0, False), (0.5, True), (0.5, True), (0.9, False)])
-  assert search.best_episode(episodes) is episodes[2]
   assert search.evaluations_to_best(_episodes([(r, True) for r in (0.1, 0.4, 0.3, 0.4)])) == 2
   assert search.summary({"rnas": episodes, "random": []}) == {
       "rnas": {"evaluations": 5, "best_reward": 0.9, "evaluations_to_best": 5}}

@@ -233,6 +233,19 @@ def spatial_sizes(spec: NetworkSpec, image_size: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
+def max_downsamples(spec: NetworkSpec, image_size: int) -> int:
+  """How many of `spec`'s stages may have stride 2 before the last feature map falls below 2x2.
+
+  Each stride-2 stage halves the map (rounding up) wherever it sits, so only the count matters.
+  """
+  for count in range(len(spec.stages), -1, -1):
+    stages = tuple(dataclasses.replace(s, stride=2 if i < count else 1)
+                   for i, s in enumerate(spec.stages))
+    if spatial_sizes(dataclasses.replace(spec, stages=stages), image_size)[-1] >= 2:
+      return count
+  return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # The hand-scaled baseline.
 # ---------------------------------------------------------------------------------------------

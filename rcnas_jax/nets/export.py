@@ -31,10 +31,12 @@ class Student(NamedTuple):
 
 def export_student(path: str, spec: arch.NetworkSpec, variables: dict, *, num_classes: int,
                    image_shape, mean, std, metrics: dict | None = None,
-                   dataset: str = "") -> None:
+                   dataset: str = "", training_data: dict | None = None) -> None:
   """Writes <path>/variables (Orbax), <path>/student.json (spec + data) and metrics.json.
 
-  `dataset` (optional) names the dataset the student was trained on, for `mode='evaluate'`.
+  `dataset` (optional) names the dataset the student was trained on, for `mode='evaluate'`;
+  `training_data` the settings that chose its training examples (`pipeline.training_data`), so
+  that a search using it as a teacher can check it never saw the validation split.
   """
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
@@ -42,6 +44,7 @@ def export_student(path: str, spec: arch.NetworkSpec, variables: dict, *, num_cl
     checkpointer.save(os.path.join(path, "variables"), parallel.to_host(variables), force=True)
   meta = {"spec": spec.to_dict(), "num_classes": num_classes, "image_shape": list(image_shape),
           "mean": list(mean), "std": list(std), "dataset": dataset,
+          "training_data": training_data,
           "params": arch.count_params(spec, num_classes, image_shape[-1]),
           "macs": arch.count_macs(spec, image_shape[0], num_classes, image_shape[-1])}
   # Every process saves the variables (Orbax), process 0 the JSON.

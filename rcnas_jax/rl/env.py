@@ -41,6 +41,14 @@ class Environment:
   slices: list[Mesh] | None = None  # Where concurrent proxy evaluations run; default [mesh].
   teacher_weights: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
 
+  def observe(self, task: Task) -> Observation:
+    """The policy's observation of `task` (`observe`)."""
+    return observe(self, task)
+
+  def episodes(self, task: Task, actions: list, *, phase: str, iteration: int) -> list["Episode"]:
+    """The scored students of one update (`episodes`)."""
+    return episodes(self, task, actions, phase=phase, iteration=iteration)
+
   def __post_init__(self):
     if self.slices is None:
       self.slices = [self.mesh]
@@ -80,16 +88,22 @@ class Episode:
   reward: float
   valid: bool  # False: it could not be built, or its proxy training diverged (reward -1).
   reason: str = ""  # Why it is invalid.
-  robust_accuracy: float = 0.0  # On the validation sample, under the task's attack.
+  robust_accuracy: float = 0.0  # On the reward's validation sample, under the task's attack.
+  # On the selection set (disjoint from the reward's sample); None when there is none.
+  selection_accuracy: float | None = None
   macs: int = 0
   params: int = 0
   spec: dict | None = None  # arch.NetworkSpec.to_dict(); None when it could not be built.
   cached: bool = False  # Its evaluation was already in the cache.
   attack: str = ""  # The validation attack's settings ('' when never trained).
+  # What the sampler chose, per stage [depth ratio, width ratio, downsample, robust], so that a
+  # population method can mutate it.
+  actions: list | None = None
 
   def __post_init__(self):
-    if self.spec is not None:  # As JSON has it (lists, not tuples), so a logged one is equal.
-      object.__setattr__(self, "spec", json.loads(json.dumps(self.spec)))
+    for name in ("spec", "actions"):  # As JSON has them (lists), so a logged one is equal.
+      if getattr(self, name) is not None:
+        object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name))))
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -143,9 +157,15 @@ def episodes(env: Environment, task: Task, actions: list, *, phase: str,
   for key, record in zip(new, records):  # In order, so the cache file is deterministic.
     env.cache.put(key, record)
   proxy.release_programs()
-  return [Episode(phase, iteration, i, task.key(),
+  return [Episode(phase, iteration, i, task.key(), actions=chosen(a),
                   **_scored(env, task, p, fresh=p.get("key") in new))
-          for i, p in enumerate(prepared)]
+          for i, (a, p) in enumerate(zip(actions, prepared))]
+
+
+def chosen(actions) -> list:
+  """StageActions as JSON: per stage [depth ratio, width ratio, downsample, robust]."""
+  return [[float(a.depth_ratio), float(a.width_ratio), int(a.downsample), int(a.robust)]
+          for a in actions]
 
 
 def _scored(env: Environment, task: Task, prepared: dict, fresh: bool) -> dict:
@@ -159,7 +179,13 @@ def _scored(env: Environment, task: Task, prepared: dict, fresh: bool) -> dict:
     return {"reward": -1.0, "valid": False, "reason": evaluation["failed"], **sizes}
   return {"reward": reward(evaluation["robust_accuracy"], prepared["macs"], task.budget_macs,
                            env.config.search.beta),
-          "valid": True, "robust_accuracy": evaluation["robust_accuracy"], **sizes}
+          "valid": True, "robust_accuracy": evaluation["robust_accuracy"],
+          "selection_accuracy": evaluation.get("selection_accuracy"), **sizes}
+
+
+def within_budget(episode: Episode, budget_macs: int) -> bool:
+  """A valid student that fits the budget: the only kind a method may deliver."""
+  return episode.valid and episode.macs <= budget_macs
 
 
 def observe(env: Environment, task: Task) -> Observation:

@@ -28,8 +28,11 @@ import jax.numpy as jnp
 # (std 0.5 in logit space puts 95% of ratios in [0.27, 0.73]).
 INITIAL_LOG_STD = math.log(0.5)
 # Below -5 the policy is deterministic for all practical purposes; above 1 the squashed ratio
-# piles up at 0 and 1.
+# piles up at 0 and 1. The head's output is squashed smoothly into this range (a hard clip would
+# zero its gradient past the bounds, and a policy stuck there could never come back).
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
+# Observation.max_downsamples when nothing is masked.
+UNMASKED = 1 << 10
 # Heads start near zero output (purejaxrl's actor initialisation), so the initial policy is the
 # one set by the biases above, whatever the observation.
 head_init = nn.initializers.orthogonal(0.01)
@@ -41,6 +44,9 @@ class Observation(NamedTuple):
 
   stages: jax.Array  # (S, 4): the teacher's normalised per-stage [stride, depth, width, robust].
   task: jax.Array  # (F,): task features [LIPS, cost..., data...].
+  # How many stages may downsample before the image shrinks below 2x2 (`mask_downsample`);
+  # the default masks nothing.
+  max_downsamples: jax.Array | int = UNMASKED
 
 
 class Action(NamedTuple):
@@ -56,7 +62,7 @@ class PolicyOutput(NamedTuple):
   """The action distribution's parameters for every stage, and the baseline."""
 
   depth_mean: jax.Array  # (S,) mean of the depth logit.
-  depth_log_std: jax.Array  # (S,) clipped to [LOG_STD_MIN, LOG_STD_MAX].
+  depth_log_std: jax.Array  # (S,) in (LOG_STD_MIN, LOG_STD_MAX), see `bounded_log_std`.
   width_mean: jax.Array  # (S,)
   width_log_std: jax.Array  # (S,)
   downsample_logit: jax.Array  # (S,) Bernoulli logit of downsample = 1.
@@ -80,6 +86,18 @@ class StageMLP(nn.Module):
     return nn.tanh(nn.Dense(self.hidden, kernel_init=hidden_init, name="dense1")(x))
 
 
+def bounded_log_std(raw: jax.Array) -> jax.Array:
+  """A smooth map of R onto (LOG_STD_MIN, LOG_STD_MAX): a scaled sigmoid, whose gradient never
+  vanishes exactly (a hard clip's does past the bounds)."""
+  return LOG_STD_MIN + (LOG_STD_MAX - LOG_STD_MIN) * jax.nn.sigmoid(raw)
+
+
+def _raw_log_std(log_std: float) -> float:
+  """The head output that `bounded_log_std` maps to `log_std` (its inverse)."""
+  fraction = (log_std - LOG_STD_MIN) / (LOG_STD_MAX - LOG_STD_MIN)
+  return math.log(fraction / (1.0 - fraction))
+
+
 class StageHead(nn.Module):
   """One stage's action head: six scalars, one dense layer each."""
 
@@ -90,9 +108,9 @@ class StageHead(nn.Module):
                        name=name)
       return layer(state)[0]
 
-    clip = lambda log_std: jnp.clip(log_std, LOG_STD_MIN, LOG_STD_MAX)
-    return (scalar("depth_mean"), clip(scalar("depth_log_std", INITIAL_LOG_STD)),
-            scalar("width_mean"), clip(scalar("width_log_std", INITIAL_LOG_STD)),
+    log_std = lambda name: bounded_log_std(scalar(name, _raw_log_std(INITIAL_LOG_STD)))
+    return (scalar("depth_mean"), log_std("depth_log_std"),
+            scalar("width_mean"), log_std("width_log_std"),
             scalar("downsample_logit"), scalar("robust_logit"))
 
 
@@ -185,28 +203,52 @@ def bernoulli_entropy(logit: jax.Array) -> jax.Array:
           - (1.0 - probability) * jax.nn.log_sigmoid(-logit))
 
 
-def sample(output: PolicyOutput, key: jax.Array) -> Action:
-  """One action from the policy; it carries no gradient (score-function estimator)."""
+def downsample_allowed(downsample: jax.Array, max_downsamples) -> jax.Array:
+  """(S,) bool: stage i may downsample, given the choices of the stages before it.
+
+  Stages choose in order; once `max_downsamples` of them have, the rest cannot (the student
+  could not be built). A forced choice has probability 1, so it adds nothing to log pi.
+  """
+  before = jnp.cumsum(downsample) - downsample
+  return before < max_downsamples
+
+
+def mask_downsample(downsample: jax.Array, max_downsamples) -> jax.Array:
+  """The buildable choices: a stage's downsample is dropped once `max_downsamples` are taken.
+
+  Until then every wanted choice is kept, so the wanted ones before stage i count the kept ones.
+  """
+  downsample = jnp.asarray(downsample, jnp.int32)
+  return downsample * downsample_allowed(downsample, max_downsamples)
+
+
+def sample(output: PolicyOutput, key: jax.Array, max_downsamples=UNMASKED) -> Action:
+  """One action from the policy, buildable by construction (`mask_downsample`); it carries no
+  gradient (score-function estimator)."""
   output = jax.lax.stop_gradient(output)
   depth_key, width_key, downsample_key, robust_key = jax.random.split(key, 4)
   gaussian = lambda k, mean, log_std: mean + jnp.exp(log_std) * jax.random.normal(k, mean.shape)
   bernoulli = lambda k, logit: jax.random.bernoulli(k, jax.nn.sigmoid(logit)).astype(jnp.int32)
   return Action(depth_logit=gaussian(depth_key, output.depth_mean, output.depth_log_std),
                 width_logit=gaussian(width_key, output.width_mean, output.width_log_std),
-                downsample=bernoulli(downsample_key, output.downsample_logit),
+                downsample=mask_downsample(bernoulli(downsample_key, output.downsample_logit),
+                                           max_downsamples),
                 robust=bernoulli(robust_key, output.robust_logit))
 
 
-def log_prob(output: PolicyOutput, action: Action) -> jax.Array:
+def log_prob(output: PolicyOutput, action: Action, max_downsamples=UNMASKED) -> jax.Array:
   """log pi(action): the sum over stages of the depth and width ratio log-densities (squashed
-  Gaussians) and the downsample and robust log-probabilities (Bernoulli)."""
+  Gaussians) and the downsample and robust log-probabilities (Bernoulli; a downsample choice
+  that `mask_downsample` forced counts log 1 = 0)."""
   chex.assert_equal_shape([output.depth_mean, action.depth_logit, action.width_logit,
                            action.downsample, action.robust])
+  allowed = downsample_allowed(action.downsample, max_downsamples)
   return (jnp.sum(squashed_gaussian_log_prob(action.depth_logit, output.depth_mean,
                                              output.depth_log_std))
           + jnp.sum(squashed_gaussian_log_prob(action.width_logit, output.width_mean,
                                                output.width_log_std))
-          + jnp.sum(bernoulli_log_prob(output.downsample_logit, action.downsample))
+          + jnp.sum(jnp.where(allowed, bernoulli_log_prob(output.downsample_logit,
+                                                          action.downsample), 0.0))
           + jnp.sum(bernoulli_log_prob(output.robust_logit, action.robust)))
 
 
@@ -233,6 +275,19 @@ def _check_batch(*arrays: jax.Array) -> None:
   chex.assert_rank(arrays, 1)
   chex.assert_equal_shape(arrays)
   chex.assert_type(arrays, float)
+
+
+def leave_one_out_baseline(rewards: jax.Array) -> jax.Array:
+  """Each episode's baseline: the mean reward of the other M - 1 episodes of its batch."""
+  _check_batch(rewards)
+  m = rewards.shape[0]
+  return (jnp.sum(rewards) - rewards) / jnp.maximum(m - 1, 1)
+
+
+def normalised(advantages: jax.Array, eps: float = 1e-8) -> jax.Array:
+  """Advantages divided by their batch standard deviation (their mean is kept)."""
+  _check_batch(advantages)
+  return advantages / (jnp.std(advantages) + eps)
 
 
 def policy_gradient_loss(log_probs: jax.Array, advantages: jax.Array) -> jax.Array:

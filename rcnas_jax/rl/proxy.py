@@ -14,6 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -51,12 +52,12 @@ _step = jax.jit(training.train_step, static_argnames=("model", "tx", "settings",
 
 
 @functools.partial(jax.jit, static_argnames=("model", "threat", "unroll"))
-def _robust_accuracy(variables, images, labels, key, *, model, threat, unroll):
-  """Accuracy on uint8 `images` under the task's attack, BN in eval mode."""
+def _robust_correct(variables, images, labels, key, *, model, threat, unroll):
+  """Per uint8 image, whether it is still classified right under the task's attack (BN eval)."""
   logits_fn = models.logits_fn(model, variables)
   images = images.astype(jnp.float32) / 255.0
   adversarial = attacks.run(threat, logits_fn, images, labels, key, unroll)
-  return jnp.mean(jnp.argmax(logits_fn(adversarial), -1) == labels)
+  return jnp.argmax(logits_fn(adversarial), -1) == labels
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,10 +76,13 @@ def _keys(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[jax.Array, ...
 
 
 def splits(config: ml_collections.ConfigDict, dataset: data.Dataset) -> tuple[data.Split, ...]:
-  """The fixed training subset and validation sample of config.search.proxy."""
-  proxy = config.search.proxy
-  return (data.sample(dataset.train, proxy.train_examples),
-          data.sample(dataset.validation, proxy.validation_examples))
+  """The proxy's fixed training subset, the reward's validation sample, and the selection set:
+  validation images disjoint from the reward's (config.search.selection.examples of them, or
+  all the rest), on which a method's top students are compared before one is delivered."""
+  s = config.search
+  reward, rest = data.partition(dataset.validation, s.proxy.validation_examples)
+  return (data.sample(dataset.train, s.proxy.train_examples), reward,
+          data.sample(rest, s.selection.examples))
 
 
 def train(config: ml_collections.ConfigDict, info: data.DatasetInfo, train_split: data.Split,
@@ -117,13 +121,23 @@ def train(config: ml_collections.ConfigDict, info: data.DatasetInfo, train_split
 
 def robust_accuracy(config: ml_collections.ConfigDict, info: data.DatasetInfo,
                     validation: data.Split, task: Task, spec: arch.NetworkSpec, variables: dict,
-                    mesh: Mesh) -> float:
-  """The student's accuracy on `validation` under the task's attack, in float32."""
-  images, labels = parallel.shard_or_replicate(mesh, validation.images, validation.labels)
+                    mesh: Mesh, chunk: int | None = None) -> float:
+  """The student's accuracy on `validation` under the task's attack, in float32.
+
+  It runs in chunks of `chunk` images (default: all at once), the last one padded by wrapping
+  around, so that splits of any size share one compiled attack program.
+  """
+  chunk = chunk or len(validation)
   float32 = models.build(spec, info.num_classes, info.mean, info.std)
-  return float(_robust_accuracy(
-      variables, images, labels, _keys(config, mesh)[2], model=float32, threat=task.attack,
-      unroll=training.unroll_attack_loops(config.evaluation.loop)))
+  correct = []
+  for start in range(0, len(validation), chunk):
+    idx = np.arange(start, start + chunk) % len(validation)
+    images, labels = parallel.shard_or_replicate(mesh, validation.images[idx],
+                                                 validation.labels[idx])
+    correct.append(np.asarray(_robust_correct(
+        variables, images, labels, _keys(config, mesh)[2], model=float32, threat=task.attack,
+        unroll=training.unroll_attack_loops(config.evaluation.loop)))[:len(validation) - start])
+  return float(np.concatenate(correct).mean())
 
 
 def evaluate_student(config: ml_collections.ConfigDict, dataset: data.Dataset,
@@ -134,15 +148,19 @@ def evaluate_student(config: ml_collections.ConfigDict, dataset: data.Dataset,
   A student whose loss stops being finite is recorded as a failed evaluation, never scored.
   """
   started = time.perf_counter()
-  train_split, validation = splits(config, dataset)
+  train_split, validation, selection = splits(config, dataset)
   variables, losses = train(config, dataset.info, train_split, teacher_variables, task, spec,
                             mesh)
-  record = {"n_examples": len(validation), "attack": task.attack.describe()}
+  record = {"n_examples": len(validation), "n_selection": len(selection),
+            "attack": task.attack.describe()}
   diverged = training.first_nonfinite(losses, 1)
   if diverged is not None:
     return {**record, "failed": f"proxy training diverged: non-finite loss at step {diverged}",
             "seconds": time.perf_counter() - started}
   accuracy = robust_accuracy(config, dataset.info, validation, task, spec, variables, mesh)
+  if len(selection):  # In chunks of the reward's size: the same compiled attack.
+    record["selection_accuracy"] = robust_accuracy(config, dataset.info, selection, task, spec,
+                                                   variables, mesh, chunk=len(validation))
   return {**record, "robust_accuracy": accuracy, "final_loss": float(losses[-1]),
           "seconds": time.perf_counter() - started}
 
@@ -155,5 +173,5 @@ def release_programs() -> None:
   vm.max_map_count (65,530 here), where LLVM fails with "Cannot allocate memory" and the
   process dies.
   """
-  for program in (_start, _step, _robust_accuracy):
+  for program in (_start, _step, _robust_correct):
     program.clear_cache()

@@ -2,18 +2,22 @@
 
 Each update draws M students for one task from a sampler, evaluates them in the environment
 and lets the sampler learn from the rewards. The policy sampler takes one step of REINFORCE
-with a value baseline and an entropy bonus (or a few PPO epochs); the random sampler draws
-uniform actions and never learns. Meta-training runs the policy on a random task per update
-from the buffers, never the held-out target; fine-tuning continues the meta-trained policy on
-the target; R-NAS is the same fine-tuning from a fresh policy; random search spends the same
-number of evaluations. The sampler's state and the iteration are checkpointed with Orbax after
-every update, and every evaluation is cached, so a killed search resumes where it stopped.
-"""
+(each reward's baseline the mean of the update's other M - 1, advantages normalised) with an
+entropy bonus, or a few PPO epochs; the random sampler draws uniform actions and never learns;
+regularized evolution mutates tournament winners of its recent students. Meta-training runs
+the policy on a random task per update from the buffers, never the held-out target;
+fine-tuning continues the meta-trained policy on the target; R-NAS is the same fine-tuning
+from a fresh policy; the baselines spend the same number of evaluations. A method delivers
+the best of its top k within-budget students on the selection set (`top_within_budget`,
+`selected`). The sampler's state and the iteration are checkpointed with Orbax after every
+update, and every evaluation is cached, so a killed search resumes where it stopped."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import math
 import os
 from typing import Callable, Protocol
 
@@ -31,7 +35,7 @@ from rcnas_jax.runtime import checkpoint, metrics, parallel, preemption, store
 
 # Each phase draws its update keys from its own stream of the seed. Fixed: renumbering a
 # stream changes every student that phase samples.
-STREAMS = {"meta": 0, "finetune": 1, "rnas": 2, "random": 3}
+STREAMS = {"meta": 0, "finetune": 1, "rnas": 2, "random": 3, "evolution": 4}
 
 
 def update_key(seed: int, phase: str, iteration: int) -> jax.Array:
@@ -48,7 +52,11 @@ def update_key(seed: int, phase: str, iteration: int) -> jax.Array:
 class PolicySettings:
   """config.search.policy as a hashable value (a static argument of the jitted update)."""
 
-  algorithm: str = "vpg"  # 'vpg' (REINFORCE with a value baseline) or 'ppo'.
+  algorithm: str = "vpg"  # 'vpg' (REINFORCE) or 'ppo'.
+  # 'leave_one_out': each episode's baseline is the mean reward of the update's other M - 1
+  # episodes; 'value': the value head's prediction (trained either way).
+  baseline: str = "leave_one_out"
+  normalise_advantages: bool = True  # Divide the advantages by their batch std.
   hidden: int = 64
   learning_rate: float = 3e-3
   entropy_weight: float = 0.01
@@ -87,15 +95,30 @@ def fresh_state(learner: Learner, seed: int, observation: policy.Observation) ->
   return continued_state(learner, policy.init(learner.network, jax.random.key(seed), observation))
 
 
+def advantages(rewards: jax.Array, value: jax.Array, p: PolicySettings) -> jax.Array:
+  """The M rewards minus their baseline (`p.baseline`), normalised if `p` says so."""
+  baseline = (policy.leave_one_out_baseline(rewards) if p.baseline == "leave_one_out"
+              else jnp.broadcast_to(value, rewards.shape))
+  centred = rewards - jax.lax.stop_gradient(baseline)
+  return policy.normalised(centred) if p.normalise_advantages else centred
+
+
+def _log_probs(output: policy.PolicyOutput, actions: policy.Action,
+               observation: policy.Observation) -> jax.Array:
+  """log pi of each of the M actions."""
+  return jax.vmap(policy.log_prob, in_axes=(None, 0, None))(output, actions,
+                                                            observation.max_downsamples)
+
+
 def _losses(params, network, observation, actions, rewards, old_log_probs, p):
   """Policy, value and entropy terms for M actions taken in one task."""
   output = policy.apply(network, params, observation)
-  log_probs = jax.vmap(policy.log_prob, in_axes=(None, 0))(output, actions)
-  advantages = rewards - jax.lax.stop_gradient(output.value)
+  log_probs = _log_probs(output, actions, observation)
+  advantage = advantages(rewards, output.value, p)
   if p.algorithm == "ppo":
-    policy_loss = policy.ppo_clip_loss(log_probs, old_log_probs, advantages, p.ppo_clip)
+    policy_loss = policy.ppo_clip_loss(log_probs, old_log_probs, advantage, p.ppo_clip)
   else:
-    policy_loss = policy.policy_gradient_loss(log_probs, advantages)
+    policy_loss = policy.policy_gradient_loss(log_probs, advantage)
   value_loss = policy.value_loss(jnp.broadcast_to(output.value, rewards.shape), rewards)
   entropy = policy.entropy(output)
   total = policy_loss + p.value_weight * value_loss - p.entropy_weight * entropy
@@ -107,7 +130,7 @@ def _losses(params, network, observation, actions, rewards, old_log_probs, p):
 def update(params, opt_state, observation, actions, rewards, *, network, tx, p):
   """One policy update (VPG: one gradient step; PPO: `ppo_epochs` clipped steps)."""
   output = policy.apply(network, params, observation)
-  old_log_probs = jax.vmap(policy.log_prob, in_axes=(None, 0))(output, actions)
+  old_log_probs = _log_probs(output, actions, observation)
   epochs = p.ppo_epochs if p.algorithm == "ppo" else 1
   for _ in range(epochs):
     grads, info = jax.grad(_losses, has_aux=True)(params, network, observation, actions,
@@ -121,17 +144,21 @@ def update(params, opt_state, observation, actions, rewards, *, network, tx, p):
 def sample_actions(params, observation, key, *, network, num_students: int):
   """M actions for one observation."""
   output = policy.apply(network, params, observation)
-  return jax.vmap(policy.sample, in_axes=(None, 0))(output, jax.random.split(key, num_students))
+  return jax.vmap(policy.sample, in_axes=(None, 0, None))(
+      output, jax.random.split(key, num_students), observation.max_downsamples)
 
 
-def random_actions(key: jax.Array, num_stages: int, num_students: int) -> policy.Action:
-  """Uniform ratios in (0, 1) and fair coins: the random-search baseline."""
+def random_actions(key: jax.Array, num_stages: int, num_students: int,
+                   max_downsamples=policy.UNMASKED) -> policy.Action:
+  """Uniform ratios in (0, 1) and fair coins, downsampling masked as the policy's: the
+  random-search baseline."""
   k1, k2, k3, k4 = jax.random.split(key, 4)
   shape = (num_students, num_stages)
   ratio_logit = lambda k: jax.scipy.special.logit(jax.random.uniform(k, shape, minval=1e-3,
                                                                      maxval=1.0 - 1e-3))
   coin = lambda k: jax.random.bernoulli(k, 0.5, shape).astype(jnp.int32)
-  return policy.Action(ratio_logit(k1), ratio_logit(k2), coin(k3), coin(k4))
+  downsample = jax.vmap(policy.mask_downsample, in_axes=(0, None))(coin(k3), max_downsamples)
+  return policy.Action(ratio_logit(k1), ratio_logit(k2), downsample, coin(k4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,11 +203,74 @@ class RandomSampler:
   num_stages: int
 
   def sample(self, state, observation, key, num_students, history):
-    del state, observation, history
-    return random_actions(key, self.num_stages, num_students)
+    del state, history
+    return random_actions(key, self.num_stages, num_students, observation.max_downsamples)
 
   def learn(self, state, observation, actions, rewards):
     return state, {}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvolutionSampler:
+  """Regularized evolution (Real et al., 2019): tournament selection, one mutation, ageing.
+
+  The population is the phase's last `population` students, so the oldest dies as each child
+  is born, however good it was. Until the population is full, students are uniform random, as
+  random search's. Each of an update's M children copies the best of `tournament` members
+  drawn at random and changes one choice of one stage: a ratio moves by N(0, mutation_std) in
+  logit space, a binary choice flips (downsampling masked as the policy's).
+  """
+
+  num_stages: int
+  population: int = 10
+  tournament: int = 3
+  mutation_std: float = 1.0
+
+  def sample(self, state, observation, key, num_students, history):
+    del state
+    members = [e for e in history[-self.population:] if e.actions is not None]
+    if len(members) < self.population:
+      return random_actions(key, self.num_stages, num_students, observation.max_downsamples)
+    rng = np.random.default_rng(jax.random.key_data(key).tolist())
+    children = [self._mutated(self._parent(members, rng), rng) for _ in range(num_students)]
+    depth, width, downsample, robust = (np.array(column) for column in zip(*children))
+    downsample = jax.vmap(policy.mask_downsample, in_axes=(0, None))(
+        jnp.asarray(downsample), observation.max_downsamples)
+    logit = lambda r: jax.scipy.special.logit(jnp.clip(jnp.asarray(r, jnp.float32), 1e-3,
+                                                       1 - 1e-3))
+    return policy.Action(logit(depth), logit(width), downsample, jnp.asarray(robust, jnp.int32))
+
+  def _parent(self, members: list[Episode], rng: np.random.Generator) -> list:
+    """The best of `tournament` members drawn without replacement (the earliest on ties)."""
+    drawn = sorted(rng.choice(len(members), size=min(self.tournament, len(members)),
+                              replace=False))
+    return max((members[i] for i in drawn), key=lambda e: e.reward).actions
+
+  def _mutated(self, actions: list, rng: np.random.Generator) -> tuple[list, ...]:
+    """Per field (depth, width, downsample, robust), the per-stage values after one mutation."""
+    fields = [list(column) for column in zip(*actions)]
+    stage, field = rng.integers(self.num_stages), rng.integers(4)
+    if field < 2:
+      ratio = float(np.clip(fields[field][stage], 1e-3, 1 - 1e-3))
+      moved = math.log(ratio / (1 - ratio)) + self.mutation_std * rng.normal()
+      fields[field][stage] = 1 / (1 + math.exp(-moved))
+    else:
+      fields[field][stage] = 1 - int(fields[field][stage])
+    return tuple(fields)
+
+  def learn(self, state, observation, actions, rewards):
+    return state, {}
+
+
+def make_sampler(config: ml_collections.ConfigDict, kind: str, num_stages: int) -> Sampler:
+  """The sampler of `kind`: 'policy' (RC-NAS, R-NAS), 'random' or 'evolution'."""
+  if kind == "policy":
+    return PolicySampler(make_learner(config, num_stages))
+  if kind == "random":
+    return RandomSampler(num_stages)
+  if kind == "evolution":
+    return EvolutionSampler(num_stages, **config.search.evolution)
+  raise ValueError(f"sampler {kind!r}: expected policy, random or evolution")
 
 
 def stage_actions(actions: policy.Action, i: int) -> tuple[space.StageAction, ...]:
@@ -196,52 +286,88 @@ def stage_actions(actions: policy.Action, i: int) -> tuple[space.StageAction, ..
 # ---------------------------------------------------------------------------------------------
 
 
-def run_phase(name: str, env: env_lib.Environment, task_for: Callable[[int], Task],
-              num_updates: int, initial: dict, directory: str, sampler: Sampler, *,
+class Environment(Protocol):
+  """What a phase runs on: `env.Environment` (proxy training) or `synthetic.Environment`."""
+
+  config: ml_collections.ConfigDict
+
+  def observe(self, task) -> policy.Observation:
+    """The policy's observation of `task`."""
+
+  def episodes(self, task, actions: list, *, phase: str, iteration: int) -> list[Episode]:
+    """The scored students of one update."""
+
+
+def run_phase(name: str, env: Environment, task_for: Callable[[int], Task],
+              num_updates: int, initial: dict, directory: str | None, sampler: Sampler, *,
               progress: bool = True) -> tuple[dict, list[Episode]]:
   """Runs (or resumes) one search phase in `directory`; returns its final state and episodes.
 
   The task, the actions and the evaluations of update i do not depend on the phase's length,
   so a phase keyed without it resumes from any shorter run and is cut back from a longer one.
+  With `directory=None` the phase runs in memory (no checkpoints, logs or progress bar).
   """
-  config = env.config
-  m = config.search.students_per_update
-  manager = checkpoint.manager(os.path.join(directory, "checkpoints"))
-  state = checkpoint.restore_latest(manager, initial, max_step=num_updates) or initial
+  m = env.config.search.students_per_update
+  log = _PhaseLog(directory, initial, num_updates) if directory else None
+  state, episodes = log.restored() if log else (initial, [])
   start = int(state["iteration"])
-  for later in [step for step in manager.all_steps() if step > start]:
-    manager.delete(later)  # Of a longer run of this phase, or unreadable.
-  log_path = os.path.join(directory, "episodes.jsonl")
-  episodes = _keep_before(log_path, start)
-  writer = metrics.MetricsWriter(directory) if parallel.is_primary() else None
-  bar = metrics.progress(total=num_updates, initial=start, desc=name, disable=not progress)
+  bar = metrics.progress(total=num_updates, initial=start, desc=name,
+                         disable=not (progress and log))
   for iteration in range(start, num_updates):
     task = task_for(iteration)
-    observation = env_lib.observe(env, task)
-    actions = sampler.sample(state, observation, update_key(config.seed, name, iteration), m,
+    observation = env.observe(task)
+    actions = sampler.sample(state, observation, update_key(env.config.seed, name, iteration), m,
                              episodes)
-    new = env_lib.episodes(env, task, [stage_actions(actions, i) for i in range(m)],
-                           phase=name, iteration=iteration)
+    new = env.episodes(task, [stage_actions(actions, i) for i in range(m)], phase=name,
+                       iteration=iteration)
     rewards = jnp.array([e.reward for e in new], jnp.float32)
     state, info = sampler.learn(state, observation, actions, rewards)
     state = {**state, "iteration": jnp.int32(iteration + 1)}
     episodes += new
-    store.append_jsonl(log_path, [e.to_dict() for e in new])
-    best = max(e.reward for e in episodes)
-    if writer:  # Process 0 writes the logs.
-      writer.write(iteration + 1, {"mean_reward": float(rewards.mean()), "best_reward": best,
-                                   **{k: float(v) for k, v in info.items()}})
-    checkpoint.save(manager, iteration + 1, state)
-    checkpoint.wait(manager)
-    bar.set_postfix(mean_reward=f"{float(rewards.mean()):.3f}", best=f"{best:.3f}",
-                    **{k: f"{float(v):.3f}" for k, v in info.items() if k == "entropy"})
-    bar.update(1)
-    preemption.check(f"{name} after update {iteration + 1} of {num_updates}")
+    if log:
+      log.write(iteration + 1, state, new, rewards, max(e.reward for e in episodes), info)
+      bar.set_postfix(mean_reward=f"{float(rewards.mean()):.3f}",
+                      best=f"{max(e.reward for e in episodes):.3f}",
+                      **{k: f"{float(v):.3f}" for k, v in info.items() if k == "entropy"})
+      bar.update(1)
+      preemption.check(f"{name} after update {iteration + 1} of {num_updates}")
   bar.close()
-  manager.close()
-  if writer:
-    writer.close()
+  if log:
+    log.close()
   return state, episodes
+
+
+class _PhaseLog:
+  """A phase's directory: Orbax checkpoints of the sampler state, the episode log, metrics."""
+
+  def __init__(self, directory: str, initial: dict, num_updates: int):
+    self.initial, self.num_updates = initial, num_updates
+    self.manager = checkpoint.manager(os.path.join(directory, "checkpoints"))
+    self.path = os.path.join(directory, "episodes.jsonl")
+    self.writer = metrics.MetricsWriter(directory) if parallel.is_primary() else None
+
+  def restored(self) -> tuple[dict, list[Episode]]:
+    """The latest state of at most `num_updates` updates and the episodes before it."""
+    state = checkpoint.restore_latest(self.manager, self.initial,
+                                      max_step=self.num_updates) or self.initial
+    start = int(state["iteration"])
+    for later in [step for step in self.manager.all_steps() if step > start]:
+      self.manager.delete(later)  # Of a longer run of this phase, or unreadable.
+    return state, _keep_before(self.path, start)
+
+  def write(self, step: int, state: dict, new: list[Episode], rewards, best: float, info: dict):
+    """Logs one finished update durably, then checkpoints the state after it."""
+    store.append_jsonl(self.path, [e.to_dict() for e in new])
+    if self.writer:  # Process 0 writes the logs.
+      self.writer.write(step, {"mean_reward": float(rewards.mean()), "best_reward": best,
+                               **{k: float(v) for k, v in info.items()}})
+    checkpoint.save(self.manager, step, state)
+    checkpoint.wait(self.manager)
+
+  def close(self):
+    self.manager.close()
+    if self.writer:
+      self.writer.close()
 
 
 def _keep_before(log_path: str, iteration: int) -> list[Episode]:
@@ -253,10 +379,21 @@ def _keep_before(log_path: str, iteration: int) -> list[Episode]:
   return [Episode.from_dict(e) for e in kept]
 
 
-def best_episode(episodes: list[Episode]) -> Episode | None:
-  """The valid episode with the highest validation reward (earliest on ties)."""
-  valid = [e for e in episodes if e.valid]
-  return max(valid, key=lambda e: e.reward) if valid else None
+def top_within_budget(episodes: list[Episode], budget_macs: int, k: int) -> list[Episode]:
+  """The `k` distinct within-budget students with the highest rewards, best first (each the
+  earliest episode that evaluated it)."""
+  first = {}
+  for e in episodes:
+    if env_lib.within_budget(e, budget_macs):
+      first.setdefault(json.dumps(e.spec, sort_keys=True), e)
+  return sorted(first.values(), key=lambda e: -e.reward)[:k]
+
+
+def selected(candidates: list[Episode]) -> Episode | None:
+  """Of a method's top candidates, the one with the best selection-set accuracy (the first,
+  i.e. the best reward, on ties or when there is no selection set)."""
+  score = lambda e: e.reward if e.selection_accuracy is None else e.selection_accuracy
+  return max(candidates, key=score) if candidates else None
 
 
 def evaluations_to_best(episodes: list[Episode]) -> int:

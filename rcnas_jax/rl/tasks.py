@@ -148,4 +148,5 @@ def observe(task: Task, probe: dict, num_classes: int, image_shape) -> Observati
   teacher_macs = arch.count_macs(spec, image_shape[0], num_classes, image_shape[-1])
   return Observation(
       stages=jnp.asarray(stage_features(spec)),
-      task=jnp.asarray(task_features(task, probe, teacher_macs, num_classes, image_shape)))
+      task=jnp.asarray(task_features(task, probe, teacher_macs, num_classes, image_shape)),
+      max_downsamples=jnp.int32(arch.max_downsamples(spec, image_shape[0])))

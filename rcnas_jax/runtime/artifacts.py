@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 # The format version of each artifact: bump it when the code changes what the artifact holds.
-VERSIONS = {"teacher": 1, "probe": 1, "evaluation": 1, "phase": 1, "training": 1,
+VERSIONS = {"teacher": 1, "probe": 1, "evaluation": 2, "phase": 1, "training": 1,
             "test-evaluation": 1, "export": 1}
 
 # Fields that change how a run computes, not what: they never enter a key, and
@@ -36,12 +36,12 @@ EXECUTION_ONLY = ("resume", "compilation_cache_dir", "dataset.data_dir", "datase
 # gradient-masking checks (check_examples) are not cached: they run every time.
 INDIRECT = ("mode", "checkpoint", "dataset.name", "model.arch", "teacher.checkpoint_dir",
             "search.target", "search.meta_updates", "search.finetune_updates",
-            "search.baselines", "evaluation.attacks", "evaluation.suite",
+            "search.baselines", "search.selection.top_k", "evaluation.attacks", "evaluation.suite",
             "evaluation.check_examples")
 
-# The splits of a dataset (and the model's normalisation, their statistics): `seed` carves
-# the validation split from train.
-DATA = ("seed", "dataset.validation_size", "dataset.max_train_examples",
+# The splits of a dataset (and the model's normalisation, their statistics), carved by
+# `dataset.split_seed`; and `seed`, which every initialisation and sample draws from.
+DATA = ("seed", "dataset.split_seed", "dataset.validation_size", "dataset.max_train_examples",
         "dataset.max_image_size")
 # What an adversarial training computes from, besides its data, start and length.
 RECIPE = ("training.method", "training.trades_beta", "training.batch_size",
@@ -56,13 +56,14 @@ RECIPE = ("training.method", "training.trades_beta", "training.batch_size",
 PROXY = ("search.proxy.epochs", "search.proxy.train_examples",
          "search.proxy.validation_examples", "search.proxy.batch_size",
          "search.proxy.learning_rate", "search.proxy.method", "search.proxy.attack_steps",
-         "search.proxy.distill_weight", "training.trades_beta", "training.momentum",
+         "search.proxy.distill_weight", "search.selection.examples", "training.trades_beta", "training.momentum",
          "training.weight_decay", "training.grad_clip", "training.distill_temperature",
          "attack.eps", "attack.norm", "dataset.crop_padding", "dataset.flip", "model.dtype")
 PROBE = ("search.probe_size", "search.lipschitz_iterations")
 # What every search phase shares: how actions become students and students rewards.
 SEARCH = ("search.students_per_update", "search.width_multiple", "search.beta")
 POLICY = ("search.policy",)
+EVOLUTION = ("search.evolution",)
 META_TASKS = ("search.datasets", "search.attacks", "search.teachers", "search.budget_range")
 # The attacks themselves enter a test evaluation's key as the list that runs (their order seeds
 # them): evaluation.attacks, or in mode='evaluate' evaluation.suite.
@@ -178,8 +179,10 @@ def phase(config, name: str, teacher_weights: Mapping[str, str], target_key: str
   the meta phase's key and length).
   """
   groups = DATA + _proxy_groups(config) + SEARCH + ("attack.eps", "attack.norm")
-  if name != "random":
+  if name in ("meta", "finetune", "rnas"):
     groups += PROBE + POLICY
+  if name == "evolution":
+    groups += EVOLUTION
   if name == "meta":
     groups += META_TASKS
   return key("phase", config, groups, phase=name, target=target_key,
