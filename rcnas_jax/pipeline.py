@@ -1,9 +1,9 @@
 """The main job, phase by phase; each phase resumes from what the workdir already holds.
 
 mode='search' (RC-NAS): teachers -> meta-training -> fine-tuning on the held-out target ->
-baselines (R-NAS, random search) -> full adversarial training of the best student of each
-method and of the hand-scaled RobustResNet-style student -> evaluation on the test split ->
-report -> export. mode='train': adversarial training and evaluation of one network.
+baselines (R-NAS, random search, regularized evolution) -> full adversarial training of each
+method's delivered within-budget student and of the hand-scaled RobustResNet-style student ->
+evaluation on the test split -> report -> export. mode='train': adversarial training and evaluation of one network.
 mode='evaluate': the evaluation suite on an exported student, reported RobustBench-style.
 """
 
@@ -473,15 +473,23 @@ def rc_nas(config: ml_collections.ConfigDict, workdir: str) -> dict:
   env, target = environment(config, workdir, timer)
   phases = search_phases(env, target, workdir, timer)
   info = env.datasets[target.dataset].info
-  candidates = {"hand-scaled RobustResNet": arch.compound_scaled(
-      target.budget_macs, info.image_shape[0], info.num_classes, info.image_shape[-1],
-      s.width_multiple)}
+  hand_scaled = arch.compound_scaled(target.budget_macs, info.image_shape[0], info.num_classes,
+                                     info.image_shape[-1], s.width_multiple)
+  candidates, none_fits = {}, {}  # method -> its student; method -> why it delivers none.
+  macs = _describe(hand_scaled, info)["macs"]
+  if macs <= target.budget_macs:
+    candidates["hand-scaled RobustResNet"] = hand_scaled
+  else:
+    none_fits["hand-scaled RobustResNet"] = f"its smallest network has {macs:,} MACs"
   chosen = selections(phases, target.budget_macs, s.selection.top_k)
   for method, selection in chosen.items():
-    if selection["delivered"] is not None:
+    if selection["delivered"] is None:
+      none_fits[method] = f"0 of its {selection['evaluations']} students within budget"
+    else:
       candidates[method] = arch.spec_from_dict(
           selection["candidates"][selection["delivered"]]["spec"])
   rows = timer.run("final trainings", lambda: final_rows(env, target, candidates, workdir))
+  rows += [{"method": method, "none_fits": why} for method, why in none_fits.items()]
   warnings = [w for d, t in sorted({(d, t) for d in s.datasets for t in s.teachers}
                                     | {(target.dataset, target.teacher)})
               if (w := teacher_data_warning(config, d, t))]

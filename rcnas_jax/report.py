@@ -30,14 +30,14 @@ def markdown(report: dict) -> str:
     lines += [f"**Warning:** {warning}", ""]
   lines += [header, "|---|---:|---:|" + "---:|" * len(attacks)]
   for row in report["rows"]:
+    if "none_fits" in row:  # A method that has no student within the budget.
+      lines.append(f"| {row['method']} | none fits: {row['none_fits']} |" +
+                   " |" * (1 + len(attacks)))
+      continue
     accuracies = " | ".join(f"{100 * row['results'][a]['accuracy']:.2f}" for a in attacks)
     over = "" if row["macs"] <= report["budget_macs"] else " (over budget)"
     lines.append(f"| {row['method']} | {row['params']:,} | {row['macs']:,}{over} | "
                  f"{accuracies} |")
-  for method, selection in report.get("selection", {}).items():
-    if selection["delivered"] is None:
-      lines.append(f"| {method} | none fits: 0 of its {selection['evaluations']} students "
-                   "within budget |" + " |" * (1 + len(attacks)))
   lines += ["", "Attacks:"] + [f"- {a}: {report['rows'][0]['results'][a]['attack']}"
                                for a in attacks]
   if report.get("selection"):

@@ -71,7 +71,8 @@ def test_selection_table_marks_the_delivered_student_and_methods_where_none_fits
   assert [c["macs"] for c in chosen["RC-NAS"]["candidates"]] == [900, 800]
   assert chosen["RC-NAS"]["meta_evaluations"] == 8
   assert chosen["random search"]["delivered"] is None and "R-NAS" not in chosen
-  rows = [_row("teacher (tiny-8)", 5000, 0.5), _row("RC-NAS", 800, 0.4)]
+  rows = [_row("teacher (tiny-8)", 5000, 0.5), _row("RC-NAS", 800, 0.4),
+          {"method": "random search", "none_fits": "0 of its 1 students within budget"}]
   report.write(str(tmp_path), config_lib.base_config(), task, rows, phases,
                search.summary(phases), {}, None, chosen, ["the teacher saw validation images"])
   text = (tmp_path / "report.md").read_text()
