@@ -392,3 +392,19 @@ def test_losses_reject_mismatched_or_batched_shapes(loss):
     loss(_f32([1.0, 2.0]), _f32([1.0, 2.0, 3.0]))
   with pytest.raises(AssertionError):
     loss(_f32([[1.0, 2.0]]), _f32([[1.0, 2.0]]))
+
+
+def test_means_and_logits_are_bounded_smoothly(network_and_params):
+  network, params = network_and_params
+  changed = jax.tree.map(lambda x: x, params)
+  for name, bias in (("depth_mean", 50.0), ("robust_logit", -50.0), ("width_mean", 0.3)):
+    changed["stage1_head"][name]["bias"] = jnp.full((1,), bias)
+  output = policy.apply(network, changed, _observation(7))
+  assert float(output.depth_mean[1]) == pytest.approx(policy.MAX_LOGIT, abs=1e-4)
+  assert float(output.robust_logit[1]) == pytest.approx(-policy.MAX_LOGIT, abs=1e-4)
+  # Near 0 the bound is the identity (tanh's slope 1), so a fresh policy is unchanged by it.
+  changed["stage1_head"]["width_mean"]["kernel"] = jnp.zeros_like(
+      changed["stage1_head"]["width_mean"]["kernel"])
+  width = float(policy.apply(network, changed, _observation(7)).width_mean[1])
+  assert width == pytest.approx(policy.MAX_LOGIT * np.tanh(0.3 / policy.MAX_LOGIT), abs=1e-6)
+  assert abs(width - 0.3) < 0.003

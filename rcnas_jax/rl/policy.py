@@ -31,6 +31,9 @@ INITIAL_LOG_STD = math.log(0.5)
 # piles up at 0 and 1. The head's output is squashed smoothly into this range (a hard clip would
 # zero its gradient past the bounds, and a policy stuck there could never come back).
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
+# Means and logits stay within +-MAX_LOGIT: a ratio's mean in (0.018, 0.982), a binary choice
+# taken with probability at least 1.8% either way.
+MAX_LOGIT = 4.0
 # Observation.max_downsamples when nothing is masked.
 UNMASKED = 1 << 10
 # Heads start near zero output (purejaxrl's actor initialisation), so the initial policy is the
@@ -92,6 +95,12 @@ def bounded_log_std(raw: jax.Array) -> jax.Array:
   return LOG_STD_MIN + (LOG_STD_MAX - LOG_STD_MIN) * jax.nn.sigmoid(raw)
 
 
+def bounded_logit(raw: jax.Array) -> jax.Array:
+  """A smooth map of R onto (-MAX_LOGIT, MAX_LOGIT), the identity near 0: a head can never
+  saturate, so the policy keeps exploring and keeps depending on the observation."""
+  return MAX_LOGIT * jnp.tanh(raw / MAX_LOGIT)
+
+
 def _raw_log_std(log_std: float) -> float:
   """The head output that `bounded_log_std` maps to `log_std` (its inverse)."""
   fraction = (log_std - LOG_STD_MIN) / (LOG_STD_MAX - LOG_STD_MIN)
@@ -109,9 +118,10 @@ class StageHead(nn.Module):
       return layer(state)[0]
 
     log_std = lambda name: bounded_log_std(scalar(name, _raw_log_std(INITIAL_LOG_STD)))
-    return (scalar("depth_mean"), log_std("depth_log_std"),
-            scalar("width_mean"), log_std("width_log_std"),
-            scalar("downsample_logit"), scalar("robust_logit"))
+    bounded = lambda name: bounded_logit(scalar(name))
+    return (bounded("depth_mean"), log_std("depth_log_std"),
+            bounded("width_mean"), log_std("width_log_std"),
+            bounded("downsample_logit"), bounded("robust_logit"))
 
 
 class PolicyNetwork(nn.Module):
