@@ -244,7 +244,7 @@ FIELDS: tuple[Field, ...] = (
       Names(("rnas", "random", "evolution"), allow_empty=True),
       "Also run R-NAS, random search and regularized evolution on the target, each with "
       "fine-tuning's evaluations."),
-    F("search.evolution.population", 10, Integer(positive=True),
+    F("search.evolution.population", 20, Integer(positive=True),
       "Regularized evolution: the population is the last this many students (ageing)."),
     F("search.evolution.tournament", 3, Integer(positive=True),
       "Students drawn from the population; the best is the parent."),

@@ -222,7 +222,7 @@ class EvolutionSampler:
   """
 
   num_stages: int
-  population: int = 10
+  population: int = 20
   tournament: int = 3
   mutation_std: float = 1.0
 
