@@ -5,8 +5,8 @@
 
 For each seed: meta-training, then fine-tuning of the meta-trained policy on the held-out target
 (RC-NAS) and the same fine-tuning from the initial policy (R-NAS), with the same evaluation
-budget. Each seed trains its own teachers: a seed carves its own validation split, and a teacher
-trained on another seed's split would have seen this seed's reward images. Prints, per seed and
+budget. Every seed shares one validation split (`dataset.split_seed`) that no teacher trains
+on, and trains its own teachers (their initialisation is seeded). Prints, per seed and
 method, the best validation reward, the evaluations needed
 to first reach it, and those needed to reach the other method's best ('-' when never).
 Resumable: each seed's workdir keeps its checkpoints and evaluation cache.

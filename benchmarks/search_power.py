@@ -66,7 +66,7 @@ def run_strategy(config, strategy: str, seeds: int, updates: int, meta_updates: 
 def bootstrap(values: np.ndarray, statistic, rng: np.random.Generator) -> tuple[float, float]:
   """The 95% percentile-bootstrap interval of `statistic` over `values`."""
   samples = [statistic(rng.choice(values, len(values))) for _ in range(BOOTSTRAP)]
-  return tuple(float(x) for x in np.percentile(samples, [2.5, 97.5]))
+  return tuple(float(x) for x in np.percentile(samples, [2.5, 97.5], method="nearest"))
 
 
 def summarise(result: dict, rng: np.random.Generator) -> dict:
@@ -107,7 +107,13 @@ def goals(summaries: dict[str, dict]) -> list[str]:
     if better in summaries and worse in summaries:
       a, b = summaries[better]["median_to_95"], summaries[worse]["median_to_95"]
       met = np.isfinite(a) and a <= fraction * b
-      ratio = f"{a / b:.2f}" if np.isfinite(a) and np.isfinite(b) else "undefined (never)"
+      horizon = summaries[worse]["horizon"]
+      if not np.isfinite(a):
+        ratio = f"undefined ({LABELS[better]}'s median is beyond {horizon} episodes)"
+      elif not np.isfinite(b):
+        ratio = f"< {a / horizon:.2f} ({LABELS[worse]}'s median is beyond {horizon} episodes)"
+      else:
+        ratio = f"{a / b:.2f}"
       lines.append(f"- goal {LABELS[better]} <= {fraction:.2f} x {LABELS[worse]}: ratio of "
                    f"medians {ratio}: {'met' if met else 'NOT met'}")
   return lines

@@ -44,7 +44,7 @@ def test_invalid_students_get_minus_one_and_are_never_trained(tmp_path):
   all_down = tuple(space.StageAction(1.0, 1.0, True, False) for _ in range(3))
   result = _episode(environment, task, all_down)
   assert result == env_lib.Episode("rnas", 0, 0, task.key(), reward=-1.0, valid=False,
-                                   reason=result.reason)
+                                   reason=result.reason, actions=[[1.0, 1.0, 1, 0]] * 3)
   assert "1x1" in result.reason and environment.cache.entries == {}
 
 
