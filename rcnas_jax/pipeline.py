@@ -235,7 +235,7 @@ def _load_teacher(path: str, spec: arch.NetworkSpec, info: data.DatasetInfo) -> 
   return teacher.variables
 
 
-def _spec_name(spec: arch.NetworkSpec) -> str:
+def spec_name(spec: arch.NetworkSpec) -> str:
   """A readable directory name for a student, e.g. 'd1-2-1_w8b-16r-32b_s1-2-2'."""
   depths = "-".join(str(s.depth) for s in spec.stages)
   widths = "-".join(f"{s.channels}{s.block[0]}" for s in spec.stages)
@@ -243,7 +243,7 @@ def _spec_name(spec: arch.NetworkSpec) -> str:
   return f"d{depths}_w{widths}_s{strides}"
 
 
-def _train_student(env: env_lib.Environment, task: Task, spec: arch.NetworkSpec, workdir: str,
+def train_student(env: env_lib.Environment, task: Task, spec: arch.NetworkSpec, workdir: str,
                    progress: bool, mesh: Mesh) -> dict:
   """Full adversarial training of `spec` on `mesh`, starting from the task teacher's weights.
 
@@ -279,13 +279,13 @@ def _train_final(env, task: Task, spec: arch.NetworkSpec, workdir: str, mesh,
   key = artifacts.training(config, task.dataset, spec.to_dict(),
                            start=env.teacher_weights[(task.dataset, task.teacher)])
   evaluation_key = artifacts.test_evaluation(config, task.dataset, key)
-  directory = os.path.join(workdir, "final", f"{_spec_name(spec)}-{key}")
+  directory = os.path.join(workdir, "final", f"{spec_name(spec)}-{key}")
   path = os.path.join(directory, f"results-{evaluation_key}.json")
   done = store.read_json(path)
   if done is None:
     dataset = env.datasets[task.dataset]
-    print(f"final training of {_spec_name(spec)}")
-    variables = _train_student(env, task, spec, directory, progress, mesh)
+    print(f"final training of {spec_name(spec)}")
+    variables = train_student(env, task, spec, directory, progress, mesh)
     model = models.build(spec, dataset.info.num_classes, dataset.info.mean, dataset.info.std)
     results = evaluate_on_test(config, model, variables, dataset.test, mesh,
                                os.path.join(directory, f"evaluation-{evaluation_key}.jsonl"))
@@ -328,7 +328,7 @@ def _export(workdir: str, row: dict) -> None:
   if same(metrics) or not parallel.is_primary():
     return
   source = os.path.join(workdir, "final",
-                        f"{_spec_name(arch.spec_from_dict(row['spec']))}-{row['training']}",
+                        f"{spec_name(arch.spec_from_dict(row['spec']))}-{row['training']}",
                         "export")
   shutil.rmtree(export_dir + ".tmp", ignore_errors=True)  # Left by a kill mid-copy.
   shutil.copytree(source, export_dir + ".tmp")
