@@ -4,6 +4,7 @@ plus the plots (reward per update, robust accuracy vs MACs, teacher-vs-student t
 
 from __future__ import annotations
 
+import json
 import os
 
 import matplotlib
@@ -41,7 +42,8 @@ def markdown(report: dict) -> str:
   lines += ["", "Attacks:"] + [f"- {a}: {report['rows'][0]['results'][a]['attack']}"
                                for a in attacks]
   if report.get("selection"):
-    lines += ["", selection_table(report["selection"])]
+    lines += ["", selection_table(report["selection"]),
+              "", agreement_line(report["proxy_agreement"])]
   lines += ["", "| search phase | evaluations | best validation reward | evaluations to best |",
             "|---|---:|---:|---:|"]
   for phase, stats in report["search"].items():
@@ -75,6 +77,41 @@ def selection_table(selection: dict[str, dict]) -> str:
       lines.append(f"| {method if i == 0 else ''} | {evaluations if i == 0 else ''} | "
                    f"{i + 1}{mark} | {e['macs']:,} | {e['reward']:.4f} | {accuracy} |")
   return "\n".join(lines)
+
+
+def kendall_tau_b(a: np.ndarray, b: np.ndarray) -> float | None:
+  """Kendall's tau-b ((concordant - discordant) pairs, ties corrected); None if one side is
+  constant."""
+  i, j = np.triu_indices(len(a), 1)
+  da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+  pairs = np.count_nonzero(da) * np.count_nonzero(db)
+  return float((da * db).sum() / np.sqrt(pairs)) if pairs else None
+
+
+def proxy_agreement(selection: dict[str, dict], rows: list[dict], attack: str) -> dict:
+  """Kendall tau between the distinct delivered students' proxy robust accuracy (the reward's
+  validation sample) and their test accuracy after full training under `attack`."""
+  trained = {row["method"]: row["results"][attack]["accuracy"] for row in rows
+             if attack in row.get("results", {})}
+  pairs = {}
+  for method, s in selection.items():
+    if s["delivered"] is not None and method in trained:
+      e = s["candidates"][s["delivered"]]
+      key = json.dumps(e["spec"], sort_keys=True)
+      pairs.setdefault(key, (e["robust_accuracy"], trained[method]))
+  proxy, full = (np.array(x) for x in zip(*pairs.values())) if pairs else ([], [])
+  tau = kendall_tau_b(proxy, full) if len(pairs) >= 3 else None
+  return {"attack": attack, "students": len(pairs), "kendall_tau": tau}
+
+
+def agreement_line(agreement: dict) -> str:
+  """One sentence: how the proxy ranked the delivered students against full training."""
+  n, tau = agreement["students"], agreement["kendall_tau"]
+  measured = (f"Kendall tau {tau:.2f}" if tau is not None
+              else "too few distinct students, or ties, for a rank correlation")
+  return (f"Proxy vs full training over the {n} distinct delivered students (proxy validation "
+          f"robust accuracy against test {agreement['attack']} accuracy): {measured}. "
+          "`benchmarks/proxy_fidelity.py` measures it over many random students.")
 
 
 def compile_table(timings: dict, compiles: dict) -> str:
@@ -156,6 +193,7 @@ def write(workdir: str, config, target, rows: list[dict], phases: dict[str, list
       "n_examples": rows[0]["results"][next(iter(rows[0]["results"]))]["n_examples"],
       "rows": rows,
       "search": search, "selection": selection or {}, "warnings": list(warnings),
+      "proxy_agreement": proxy_agreement(selection or {}, rows, target.attack.name),
       "timings": timings, "compiles": compiles or {}, "seed": config.seed,
       "config": config.to_dict(),
   }

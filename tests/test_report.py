@@ -1,5 +1,9 @@
 """The report: Markdown table with settings, and the three plots."""
 
+import numpy as np
+import pytest
+from scipy import stats
+
 from rcnas_jax import config as config_lib, pipeline, report
 from rcnas_jax.nets import arch
 from rcnas_jax.rl import search
@@ -82,3 +86,21 @@ def test_selection_table_marks_the_delivered_student_and_methods_where_none_fits
   assert "| RC-NAS | 4 (+8 meta-training) | 1 | 900 | 0.6000 | 30.00 |" in text
   assert "|  |  | 2 (delivered) | 800 | 0.5000 | 35.00 |" in text
   assert "| random search | 1 | none fits the budget | | | |" in text
+
+
+def test_proxy_agreement_ranks_distinct_delivered_students_as_scipy():
+  proxy = [0.30, 0.10, 0.40, 0.20, 0.25]
+  trained = [0.80, 0.70, 0.75, 0.60, 0.80]
+  methods = ["RC-NAS", "R-NAS", "random search", "regularized evolution", "copy"]
+  spec = lambda i: {"stages": i % 4}  # "copy" delivered RC-NAS's student: counted once.
+  selection = {m: {"delivered": 0, "candidates": [{"spec": spec(i), "robust_accuracy": p}]}
+               for i, (m, p) in enumerate(zip(methods, proxy))}
+  selection["none"] = {"delivered": None, "candidates": []}
+  rows = [{"method": m, "results": {"cw": {"accuracy": a}}} for m, a in zip(methods, trained)]
+  rows += [{"method": "none", "none_fits": "0 of its 4 students within budget"}]
+  agreement = report.proxy_agreement(selection, rows, "cw")
+  expected = stats.kendalltau(proxy[:4], trained[:4]).statistic
+  assert agreement == {"attack": "cw", "students": 4, "kendall_tau": pytest.approx(expected)}
+  assert "Kendall tau 0.33" in report.agreement_line(agreement)
+  assert report.proxy_agreement(selection, rows[:2], "cw")["kendall_tau"] is None
+  assert report.kendall_tau_b(np.array([1.0, 1.0, 1.0]), np.array([1.0, 2.0, 3.0])) is None
