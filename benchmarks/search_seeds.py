@@ -68,7 +68,8 @@ def table(per_seed: dict[int, dict], attacks: list[str]) -> str:
   methods += sorted({m for r in per_seed.values() for m in r["none_fits"]} - set(methods))
   lines = [f"{len(per_seed)} seeds ({', '.join(map(str, per_seed))}); test accuracy in %, "
            "mean ± std (seeds with a within-budget student).", "",
-           "| method | " + " | ".join(attacks) + " | evaluations per seed (RC-NAS: with meta-training's) |",
+           "| method | " + " | ".join(attacks)
+           + " | evaluations per seed (RC-NAS: with meta-training's) |",
            "|---|" + "---|" * (len(attacks) + 1)]
   for m in methods:
     cells = [mean_std([r["accuracy"][m][a] for r in per_seed.values() if m in r["accuracy"]])
