@@ -244,7 +244,7 @@ def spec_name(spec: arch.NetworkSpec) -> str:
 
 
 def train_student(env: env_lib.Environment, task: Task, spec: arch.NetworkSpec, workdir: str,
-                   progress: bool, mesh: Mesh) -> dict:
+                  progress: bool, mesh: Mesh) -> dict:
   """Full adversarial training of `spec` on `mesh`, starting from the task teacher's weights.
 
   Returns the variables to evaluate (the EMA weights when config.training.ema_decay is set).
