@@ -36,7 +36,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from rcnas_jax import config as config_lib, pipeline  # noqa: E402
+from rcnas_jax import config as config_lib, pipeline, report  # noqa: E402
 from rcnas_jax.nets import arch, space  # noqa: E402
 from rcnas_jax.rl import env as env_lib, proxy, search  # noqa: E402
 from rcnas_jax.runtime import artifacts, parallel, store  # noqa: E402
@@ -61,11 +61,6 @@ flags.DEFINE_string("out", "benchmarks/results", "Where the table and JSON go.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 BOOTSTRAP = 2000
-
-
-def kendall_tau_b(a: np.ndarray, b: np.ndarray) -> float:
-  """Kendall's tau-b (ties corrected on either side)."""
-  return float(stats.kendalltau(a, b).statistic)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -151,11 +146,11 @@ def fidelity(proxy_rewards: np.ndarray, full: np.ndarray, rng: np.random.Generat
   """Kendall tau-b and Spearman rho with their bootstrap intervals, and tau among the better
   half by full training (where a search's choice is made)."""
   top = np.argsort(full)[len(full) // 2:]
-  return {"kendall_tau": kendall_tau_b(proxy_rewards, full),
-          "kendall_tau_ci": bootstrap(proxy_rewards, full, kendall_tau_b, rng),
+  return {"kendall_tau": report.kendall_tau_b(proxy_rewards, full),
+          "kendall_tau_ci": bootstrap(proxy_rewards, full, report.kendall_tau_b, rng),
           "spearman_rho": spearman(proxy_rewards, full),
           "spearman_rho_ci": bootstrap(proxy_rewards, full, spearman, rng),
-          "kendall_tau_top_half": kendall_tau_b(proxy_rewards[top], full[top])}
+          "kendall_tau_top_half": report.kendall_tau_b(proxy_rewards[top], full[top])}
 
 
 def table(students: list[dict], variants: dict[str, dict]) -> str:

@@ -26,7 +26,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from rcnas_jax import config as config_lib, pipeline  # noqa: E402
+from rcnas_jax import pipeline  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.",
                                 lock_config=False)
