@@ -27,8 +27,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m rcnas_jax.main --config=configs/quickstart.py --workdir=$(WORKDIR)
 
-# The evaluation suite (APGD-CE, APGD-T, Square, AA-lite, gradient-masking checks) on the demo's
-# exported student.
+# The evaluation suite (APGD-CE, APGD-T, FAB-T, Square, standard AutoAttack, gradient-masking
+# checks) on the demo's exported student.
 evaluate: $(STAMP)
 	$(PY) -m rcnas_jax.main --config=configs/quickstart.py --config.mode=evaluate \
 	    --config.checkpoint=$(WORKDIR)/export --workdir=$(WORKDIR)/evaluation

@@ -9,8 +9,8 @@ meta-trained.
 
 The search's final report evaluates clean, FGSM, PGD-20 and CW-40 only: each new student shape
 compiles every evaluation attack, and APGD-CE, APGD-T and Square would add ~1 min to the demo.
-The whole suite (`evaluation.suite`, with AA-lite at cheap settings) runs on the exported
-student afterwards (`make evaluate`):
+The whole suite (`evaluation.suite`: each attack, then AutoAttack's standard version) runs on
+the exported student afterwards (`make evaluate`, about 10 min on 2 cores):
 
   python -m rcnas_jax.main --config=configs/quickstart.py --config.mode=evaluate \
       --config.checkpoint=workdir/quickstart/export --workdir=workdir/quickstart/evaluation
@@ -50,7 +50,8 @@ def get_config():
   # 29.5 s unrolled for clean / FGSM / PGD-20 / CW-40 on the 359 test digits, same accuracies.
   c.evaluation.update(eps=0.1, pgd_step_size=0.01, cw_step_size=0.01, batch_size=128,
                       loop="rolled", attacks=("clean", "fgsm", "pgd", "cw"))
-  # For --config.mode=evaluate: the whole suite with AA-lite, at a CPU-sized cost.
-  c.evaluation.update(suite=("clean", "fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "square",
-                             "aa-lite"), apgd_steps=20, apgd_targets=3, square_queries=300)
+  # For --config.mode=evaluate (`make evaluate`): every attack alone, then AutoAttack's standard
+  # version (APGD-CE, APGD-T, FAB-T, Square at their standard settings) from their results.
+  c.evaluation.update(suite=("clean", "fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t",
+                             "square", "autoattack"))
   return c

@@ -324,10 +324,11 @@ FIELDS: tuple[Field, ...] = (
       "Checkpoints every this many steps, and at the end of every epoch."),
 
     # Evaluation attacks (METHOD §7), in the model's eval mode: 'clean', 'fgsm', 'pgd', 'cw',
-    # 'apgd-ce', 'apgd-dlr', 'apgd-t', 'square' each run on every example; 'aa-lite' = the
-    # point-wise worst case of APGD-CE, APGD-T and Square, each on the points still robust,
-    # reusing those of the three that are also listed.
-    F("evaluation.attacks", ("clean", "fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "aa-lite"),
+    # 'apgd-ce', 'apgd-dlr', 'apgd-t', 'fab-t', 'square' each run on every example;
+    # 'autoattack' = AutoAttack's standard version, the point-wise worst case of APGD-CE, APGD-T,
+    # FAB-T and Square, each on the points still robust, reusing those of them also listed;
+    # 'aa-lite' = the same without FAB-T (cheaper; an upper bound on AutoAttack's accuracy).
+    F("evaluation.attacks", ("clean", "fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "autoattack"),
       Names(attacks.EVALUATION_ATTACKS), "Run in mode='train' and in the search's final report."),
     F("evaluation.suite", (), Names(attacks.EVALUATION_ATTACKS, allow_empty=True),
       "mode='evaluate' runs these (() = evaluation.attacks)."),
@@ -341,8 +342,12 @@ FIELDS: tuple[Field, ...] = (
       "APGD-CE / APGD-DLR / APGD-T iterations (AutoAttack: 100)."),
     F("evaluation.apgd_targets", 9, Integer(positive=True),
       "APGD-T's target classes (at most num_classes - 1)."),
+    F("evaluation.fab_steps", 100, Integer(positive=True), "FAB-T's iterations (AutoAttack: 100)."),
+    F("evaluation.fab_targets", 9, Integer(positive=True),
+      "FAB-T's target classes (at most num_classes - 1; AutoAttack: 9)."),
     F("evaluation.square_queries", 5000, Integer(positive=True),
-      "Square's queries per restart (AutoAttack: 5000)."),
+      "Square's queries per restart (AutoAttack: 5000, with its p schedule as written; any "
+      "other budget rescales the schedule, and the label says so)."),
     F("evaluation.restarts", 1, Integer(positive=True), "Random restarts per attack."),
     F("evaluation.check_examples", 256, Integer(),
       "mode='evaluate': gradient-masking checks on this many test examples (0 = off)."),
@@ -416,10 +421,6 @@ def _validate_relations(config, num_devices: int, num_processes: int) -> None:
   if s.target.budget_macs <= 0 and s.target.budget_fraction <= 0:
     _fail("search.target.budget_fraction", s.target.budget_fraction,
           "a number > 0 (or set search.target.budget_macs)")
-  for field in ("evaluation.attacks", "evaluation.suite"):
-    if e.norm == "l2" and {"square", "aa-lite"} & set(_get(config, field)):
-      _fail(field, tuple(_get(config, field)), "no square or aa-lite with evaluation.norm='l2' "
-            "(our Square attack is L-inf only)")
   for field in ("training.batch_size", "evaluation.batch_size"):
     if _get(config, field) % num_devices:
       _fail(field, _get(config, field), f"a multiple of the {num_devices} devices")

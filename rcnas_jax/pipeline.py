@@ -63,7 +63,7 @@ def evaluate_on_test(config, model, variables, split: data.Split, mesh,
       evaluate.attacks_from_config(config.evaluation), jax.random.key(config.seed + 1), mesh,
       batch_size=config.evaluation.batch_size,
       unroll=training.unroll_attack_loops(config.evaluation.loop),
-      aa_lite_attacks=evaluate.aa_lite_from_config(config.evaluation),
+      composites=evaluate.composites_from_config(config.evaluation),
       progress_path=progress_path)
 
 
@@ -148,7 +148,7 @@ def evaluate_export(config: ml_collections.ConfigDict, workdir: str) -> dict:
       model, student.variables, split, evaluate.attacks_from_config(e, names), key,
       parallel.data_mesh(), batch_size=e.batch_size,
       unroll=training.unroll_attack_loops(e.loop),
-      aa_lite_attacks=evaluate.aa_lite_from_config(e, names),
+      composites=evaluate.composites_from_config(e, names),
       progress_path=os.path.join(workdir, f"evaluation-{progress_key}.jsonl"))
   warnings = []
   if e.check_examples:

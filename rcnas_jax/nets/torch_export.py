@@ -1,73 +1,112 @@
-"""A PyTorch twin of a basic-block ResNet, with the Flax weights converted 1:1.
+"""Students as plain PyTorch modules: for RobustBench, the reference AutoAttack, and our
+cross-checks against PyTorch tools.
 
-For cross-checks against PyTorch reference tools (torchattacks' APGD, APGD-T, Square): the twin
-takes NCHW images in [0, 1] and returns the same logits as `models.ResNet` in eval mode (BN
-running statistics). torch is imported lazily; it is a test/benchmark dependency only.
+`export_torch(export_dir, out_dir)` writes a self-contained directory: `student.py` (a copy of
+`torch_student.py`, which imports torch only), `config.json` (the architecture and input
+normalisation) and `state_dict.pt` (the Flax variables renamed, kernels transposed). Loading it
+needs no rcnas_jax:
+
+  import sys; sys.path.insert(0, out_dir); import student
+  model = student.load(out_dir)  # eval-mode torch.nn.Module, NCHW images in [0, 1] -> logits
+
+    python -m rcnas_jax.nets.torch_export EXPORT_DIR OUT_DIR
+
+torch is imported lazily; it is needed only here (not by the JAX package).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+
 import numpy as np
 
-from rcnas_jax.nets import arch
+from rcnas_jax.nets import arch, export
+from rcnas_jax.runtime import store
+
+MODULE_SOURCE = os.path.join(os.path.dirname(__file__), "torch_student.py")
 
 
-def _tensor(value):
-  """A float32 torch tensor of a JAX/numpy array."""
+def torch_config(spec: arch.NetworkSpec, num_classes: int, image_shape, mean, std) -> dict:
+  """config.json of an export: everything `torch_student.Student` builds the network from."""
+  stages = [{**s, "out_channels": stage.out_channels,
+             "inner_width": arch.robust_inner_width(stage.channels),
+             "expansion": arch.ROBUST_EXPANSION, "scales": arch.ROBUST_SCALES,
+             "cardinality": arch.ROBUST_CARDINALITY, "se_reduction": arch.ROBUST_SE_REDUCTION}
+            for s, stage in zip(spec.to_dict()["stages"], spec.stages)]
+  return {"network": {**spec.to_dict(), "stages": stages}, "num_classes": int(num_classes),
+          "image_shape": list(image_shape), "mean": [float(m) for m in mean],
+          "std": [float(s) for s in std]}
+
+
+def _torch_leaf(name: str, value: np.ndarray, is_stat: bool) -> tuple[str, np.ndarray]:
+  """A Flax leaf as the PyTorch parameter or buffer of the same module."""
+  if is_stat:
+    return {"mean": "running_mean", "var": "running_var"}[name], value
+  if name == "kernel":  # Conv HWIO -> OIHW; Dense (in, out) -> (out, in).
+    return "weight", value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+  return {"scale": "weight", "bias": "bias"}[name], value
+
+
+def state_dict(variables: dict) -> dict:
+  """The Flax {'params', 'batch_stats'} as a PyTorch state_dict for `torch_student.Student`."""
   import torch
-  return torch.from_numpy(np.array(value, np.float32))
+
+  state = {}
+
+  def visit(tree, path, is_stat):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        visit(value, path + (key,), is_stat)
+        continue
+      name, array = _torch_leaf(key, np.asarray(value, np.float32), is_stat)
+      state[".".join(path + (name,))] = torch.from_numpy(np.array(array, np.float32, order="C"))
+      if is_stat and key == "mean":
+        state[".".join(path + ("num_batches_tracked",))] = torch.tensor(0)
+
+  visit(variables["params"], (), False)
+  visit(variables["batch_stats"], (), True)
+  return state
 
 
-def convert(spec: arch.NetworkSpec, variables: dict, mean, std):
-  """A `torch.nn.Module` computing the same logits as models.build(spec, ...) in eval mode."""
+def convert(spec: arch.NetworkSpec, variables: dict, mean, std, image_shape=None):
+  """A `torch.nn.Module` in eval mode computing the same logits as models.build(spec, ...)."""
+  from rcnas_jax.nets import torch_student  # Imports torch.
+
+  params = variables["params"]
+  num_classes = params["head"]["kernel"].shape[1]
+  image_shape = image_shape or (None, None, params["stem"]["kernel"].shape[2])
+  model = torch_student.Student(torch_config(spec, num_classes, image_shape, mean, std))
+  model.load_state_dict(state_dict(variables))  # Strict: every parameter and buffer mapped.
+  return model.eval()
+
+
+def export_torch(export_dir: str, out_dir: str) -> str:
+  """Writes the exported student at `export_dir` as a self-contained PyTorch directory."""
   import torch
-  import torch.nn.functional as F
 
-  if any(s.block != "basic" for s in spec.stages) or spec.activation != "relu":
-    raise ValueError("torch_export converts basic-block ReLU networks only")
-  params, stats = variables["params"], variables["batch_stats"]
+  student = export.load_student(export_dir)
+  meta = student.meta
+  config = torch_config(student.spec, meta["num_classes"], meta["image_shape"], meta["mean"],
+                        meta["std"])
+  convert(student.spec, student.variables, meta["mean"], meta["std"], meta["image_shape"])
+  os.makedirs(out_dir, exist_ok=True)
+  store.write_json(os.path.join(out_dir, "config.json"), config)
+  torch.save(state_dict(student.variables), os.path.join(out_dir, "state_dict.pt"))
+  shutil.copyfile(MODULE_SOURCE, os.path.join(out_dir, "student.py"))
+  return out_dir
 
-  def conv(name_params):
-    return _tensor(name_params["kernel"]).permute(3, 2, 0, 1).contiguous()  # HWIO -> OIHW.
 
-  def norm(p, s):
-    return [_tensor(s["mean"]), _tensor(s["var"]), _tensor(p["scale"]), _tensor(p["bias"])]
+def main(argv: list[str]) -> None:
+  """python -m rcnas_jax.nets.torch_export EXPORT_DIR OUT_DIR"""
+  if len(argv) != 3:
+    raise SystemExit("usage: python -m rcnas_jax.nets.torch_export EXPORT_DIR OUT_DIR")
+  try:
+    print(f"PyTorch student written to {export_torch(argv[1], argv[2])}")
+  except (export.ExportError, store.StoreError) as error:
+    raise SystemExit(f"error: {error}") from None
 
-  blocks = []
-  for i, stage in enumerate(spec.stages):
-    for j in range(stage.depth):
-      p, s = params[f"stage{i}_block{j}"], stats[f"stage{i}_block{j}"]
-      blocks.append({"stride": stage.stride if j == 0 else 1,
-                     "norm1": norm(p["norm1"], s["norm1"]), "conv1": conv(p["conv1"]),
-                     "norm2": norm(p["norm2"], s["norm2"]), "conv2": conv(p["conv2"]),
-                     "shortcut": conv(p["shortcut"]) if "shortcut" in p else None})
 
-  class TorchResNet(torch.nn.Module):
-    """Pre-activation ResNet with fixed (converted) weights; input NCHW in [0, 1]."""
-
-    def __init__(self):
-      super().__init__()
-      self.register_buffer("mean", _tensor(mean).reshape(1, -1, 1, 1))
-      self.register_buffer("std", _tensor(std).reshape(1, -1, 1, 1))
-      # A parameter, so torchattacks can find the module's device.
-      self.stem = torch.nn.Parameter(conv(params["stem"]), requires_grad=False)
-      self.head_norm = norm(params["head_norm"], stats["head_norm"])
-      self.head_weight = _tensor(params["head"]["kernel"]).T.contiguous()
-      self.head_bias = _tensor(params["head"]["bias"])
-
-    def forward(self, x):
-      bn = lambda x, n: F.batch_norm(x, n[0], n[1], n[2], n[3], training=False, eps=1e-5)
-      pad = lambda w: w.shape[-1] // 2
-      x = (x - self.mean) / self.std
-      x = F.conv2d(x, self.stem, stride=spec.stem_stride, padding=pad(self.stem))
-      for b in blocks:
-        out = F.relu(bn(x, b["norm1"]))
-        shortcut = x if b["shortcut"] is None else F.conv2d(out, b["shortcut"],
-                                                            stride=b["stride"])
-        out = F.conv2d(out, b["conv1"], stride=b["stride"], padding=pad(b["conv1"]))
-        out = F.relu(bn(out, b["norm2"]))
-        x = F.conv2d(out, b["conv2"], padding=pad(b["conv2"])) + shortcut
-      x = F.relu(bn(x, self.head_norm)).mean(dim=(2, 3))
-      return x @ self.head_weight.T + self.head_bias
-
-  return TorchResNet().eval()
+if __name__ == "__main__":
+  main(sys.argv)

@@ -368,52 +368,296 @@ def apgd_targeted(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key
 
 
 # ---------------------------------------------------------------------------------------------
-# Square attack (L-inf, score-based): random vertical stripes, then random squares of +-2 eps.
+# FAB-T (Croce & Hein, ICML 2020): minimal-norm adversarial points found by projecting onto the
+# linearised decision boundary between the true class and one target class.
 # ---------------------------------------------------------------------------------------------
+
+
+def boundary_step(points: jax.Array, w: jax.Array, c: jax.Array, norm: str) -> jax.Array:
+  """Per row, the step d of least L-inf or L2 norm with w . d = c and points + d in [0, 1].
+
+  Rows are flattened examples. Moving coordinate i by lam * unit_i (unit 1 for L-inf, |w_i| for
+  L2) in the direction that raises w . d, until its room to the box is used, makes w . d a
+  concave piecewise-linear function of lam; its breakpoints, sorted, give the smallest lam that
+  reaches c. Where even the whole box cannot reach c, the step ignores the box (its projection
+  onto the hyperplane alone; the caller clips).
+  """
+  sign = jnp.where(c < 0, -1.0, 1.0)
+  w, c = w * sign[:, None], jnp.abs(c)
+  magnitude = jnp.abs(w)
+  room = jnp.where(w > 0, 1.0 - points, points)
+  unit = jnp.ones_like(w) if norm == "linf" else magnitude
+  slope = magnitude * unit  # d(w . d) / d(lam) while coordinate i moves.
+  breakpoint = jnp.where(unit > 0, room / jnp.maximum(unit, 1e-30), 1e30)
+  order = jnp.argsort(breakpoint, axis=1)
+  sorted_break = jnp.take_along_axis(breakpoint, order, axis=1)
+  sorted_slope = jnp.take_along_axis(slope, order, axis=1)
+  saturated = jnp.cumsum(sorted_slope * sorted_break, axis=1) - sorted_slope * sorted_break
+  moving = jnp.flip(jnp.cumsum(jnp.flip(sorted_slope, 1), axis=1), 1)
+  reached = saturated + sorted_break * moving  # w . d when lam is at each breakpoint.
+  k = jnp.sum(reached < c[:, None], axis=1)
+  feasible = k < w.shape[1]
+  k = jnp.minimum(k, w.shape[1] - 1)[:, None]
+  tail = jnp.take_along_axis(moving, k, axis=1)[:, 0]
+  lam = jnp.where(tail > 0, (c - jnp.take_along_axis(saturated, k, axis=1)[:, 0])
+                  / jnp.maximum(tail, 1e-30), 0.0)
+  free = c / jnp.maximum(jnp.sum(slope, axis=1), 1e-30)  # The box-free step's lam.
+  lam = jnp.where(feasible, lam, free)[:, None]
+  step = jnp.where(feasible[:, None], jnp.minimum(lam * unit, room), lam * unit)
+  return jnp.sign(w) * step
+
+
+def _fab_single(logits_fn: LogitsFn, images, labels, targets, start, *, num_steps, norm,
+                alpha_max, eta, beta) -> tuple[jax.Array, jax.Array]:
+  """One targeted FAB run: (the smallest adversarial point found, its norm; inf if none)."""
+  n = images.shape[0]
+  flat = lambda v: v.reshape(n, -1)
+  x0 = flat(images)
+  expand = lambda v: v[:, None]
+
+  def difference(x):
+    logits = logits_fn(x.reshape(images.shape))
+    pick = lambda classes: jnp.take_along_axis(logits, classes[:, None], axis=1)[:, 0]
+    values = pick(targets) - pick(labels)  # < 0 while the true class beats the target.
+    return jnp.sum(values), values
+
+  def distance(d):
+    return (jnp.max(jnp.abs(d), axis=1) if norm == "linf"
+            else jnp.sqrt(jnp.sum(d * d, axis=1)))
+
+  def step(_, carry):
+    x, best, best_norm = carry
+    grad, values = jax.grad(difference, has_aux=True)(x)
+    # The linearised boundary {z: values + grad . (z - x) = 0}, reached from x and from x0.
+    d_from_x = boundary_step(x, grad, -values, norm)
+    d_from_x0 = boundary_step(x0, grad, jnp.sum(grad * (x - x0), axis=1) - values, norm)
+    a1 = jnp.maximum(distance(d_from_x), 1e-8)
+    a2 = jnp.maximum(distance(d_from_x0), 1e-8)
+    alpha = expand(jnp.clip(a1 / (a1 + a2), 0.0, alpha_max))
+    x = jnp.clip((x + eta * d_from_x) * (1 - alpha) + (x0 + eta * d_from_x0) * alpha, 0.0, 1.0)
+    fooled = jnp.argmax(logits_fn(x.reshape(images.shape)), axis=1) != labels
+    size = distance(x - x0)
+    better = fooled & (size < best_norm)
+    best = jnp.where(expand(better), x, best)
+    best_norm = jnp.where(better, size, best_norm)
+    # Back towards the image from a point that fools the model: look for a closer one.
+    x = jnp.where(expand(fooled), x0 + beta * (x - x0), x)
+    return x, best, best_norm
+
+  init = (flat(start), x0, jnp.full((n,), jnp.inf))
+  _, best, best_norm = jax.lax.fori_loop(0, num_steps, step, init)
+  return best.reshape(images.shape), best_norm
+
+
+def fab_targeted(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
+                 eps: float, num_steps: int = 100, num_targets: int = 9, norm: str = "linf",
+                 restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05,
+                 beta: float = 0.9) -> jax.Array:
+  """FAB-T (AutoAttack's 'fab-t'): per target among the top `num_targets` other classes, FAB's
+  minimal-norm search; an example is broken when some target gives a point within eps.
+
+  The first restart starts at the image (AutoAttack's standard run: one restart, so no
+  randomness); later ones at a random point of norm eps / 2. Targets and restarts run under one
+  vmap; returns, per example, the adversarial point within eps if one was found, else the image.
+  """
+  num_classes = jax.eval_shape(logits_fn, images).shape[1]
+  _check(eps, norm, "margin")
+  if num_classes < 2:
+    raise ValueError(f"{num_classes} classes: FAB-T needs at least 2")
+  num_targets = min(num_targets, num_classes - 1)
+  clean_logits = jax.lax.stop_gradient(logits_fn(images))
+  ranks = jnp.repeat(jnp.arange(2, num_targets + 2), restarts)
+  keys = jax.random.split(key, len(ranks))
+  random = jnp.tile(jnp.arange(restarts) > 0, num_targets)
+
+  def run(rank, k, is_random):
+    direction = (jax.random.uniform(k, images.shape, minval=-1.0, maxval=1.0) if norm == "linf"
+                 else jax.random.normal(k, images.shape))
+    direction = direction / (_norm_per_example(direction, norm) + 1e-12)
+    start = jnp.where(is_random, jnp.clip(images + 0.5 * eps * direction, 0.0, 1.0), images)
+    best, size = _fab_single(logits_fn, images, labels, _ranked_classes(clean_logits, rank),
+                             start, num_steps=num_steps, norm=norm, alpha_max=alpha_max,
+                             eta=eta, beta=beta)
+    within = (size <= eps).reshape((-1,) + (1,) * (images.ndim - 1))
+    return jnp.where(within, best, images)
+
+  candidates = jax.vmap(run)(ranks, keys, random)
+  return jax.lax.stop_gradient(worst_case(logits_fn, _with_clean(images, candidates), labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# Square attack (Andriushchenko et al., ECCV 2020; score-based): a random start, then at each
+# query one random square window changed, kept when the margin improves. L-inf: stripes of
+# +-eps, then squares of +-2 eps. L2: a grid of nested-rectangle patterns, then the mass of one
+# window moved into another with a fresh pattern, every point at norm eps.
+# ---------------------------------------------------------------------------------------------
+
+
+# AutoAttack's standard Square budget; its p schedule runs unrescaled at this budget.
+STANDARD_SQUARE_QUERIES = 5000
+
+
+def square_rescaled(num_queries: int) -> bool:
+  """Whether Square's p schedule is rescaled: only when the budget is not the standard one."""
+  return num_queries != STANDARD_SQUARE_QUERIES
 
 
 def square_fraction(query: int, num_queries: int, p_init: float = 0.8) -> float:
   """AutoAttack's p_selection: the fraction of pixels a square covers at this query.
 
-  The schedule is written for 10,000 queries and rescaled to `num_queries`.
+  The schedule is written for 10,000 queries. At the standard 5,000 it runs as written
+  (AutoAttack's standard version, `resc_schedule=False`: squares never shrink past the 4,000th
+  query's); at any other budget it is rescaled to `num_queries`, as `resc_schedule=True` does.
   """
-  it = int(query / num_queries * 10000)
+  it = int(query / num_queries * 10000) if square_rescaled(num_queries) else query
   halvings = sum(it > bound for bound in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
   return p_init / 2 ** halvings
 
 
-def square_sizes(num_queries: int, height: int, width: int, p_init: float = 0.8) -> np.ndarray:
-  """Side of the square at each query: round(sqrt(p * H * W)), at least 1 and at most min(H, W)."""
-  sizes = [max(int(round(np.sqrt(square_fraction(q, num_queries, p_init) * height * width))), 1)
-           for q in range(num_queries)]
+def square_sizes(num_queries: int, height: int, width: int, p_init: float = 0.8,
+                 norm: str = "linf") -> np.ndarray:
+  """Side of the square at each query: round(sqrt(p * H * W)), at least 1 (L-inf) or an odd
+  number at least 3 (L2, as the reference), and at most min(H, W)."""
+  sizes = []
+  for q in range(num_queries):
+    side = int(round(np.sqrt(square_fraction(q, num_queries, p_init) * height * width)))
+    if norm == "linf":
+      sizes.append(max(side, 1))
+    else:
+      side = max(side, 3)
+      sizes.append(side + 1 - side % 2)
   return np.minimum(np.asarray(sizes, np.int32), min(height, width))
 
 
-def _square_single(logits_fn: LogitsFn, images, labels, key, *, eps, num_queries, p_init):
-  """One Square run (L-inf, margin loss); returns the best point of each example."""
+def _corners(key: jax.Array, n: int, height: int, width: int, size) -> tuple[jax.Array, ...]:
+  """Per example, a window's top-left corner in [0, side - size), as the reference draws it
+  (the last position is never drawn)."""
+  k_row, k_col = jax.random.split(key)
+  top = jnp.floor(jax.random.uniform(k_row, (n,)) * (height - size)).astype(jnp.int32)
+  left = jnp.floor(jax.random.uniform(k_col, (n,)) * (width - size)).astype(jnp.int32)
+  return top, left
+
+
+def _window(shape, top, left, size) -> jax.Array:
+  """(N, H, W, 1) mask of each example's size x size window at (top, left)."""
+  rows = jnp.arange(shape[1])[None, :, None, None]
+  cols = jnp.arange(shape[2])[None, None, :, None]
+  top, left = top[:, None, None, None], left[:, None, None, None]
+  return (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+
+
+def _linf_start(key, images, eps):
+  """Vertical stripes of +-eps, one sign per (example, column, channel)."""
+  n, _, width, channels = images.shape
+  stripes = jax.random.rademacher(key, (n, 1, width, channels), jnp.float32)
+  return jnp.clip(images + eps * stripes, 0.0, 1.0)
+
+
+def _linf_proposal(key, images, x_best, size, eps):
+  """x_best with one random window set to +-2 eps per channel, projected."""
   n, height, width, channels = images.shape
-  sizes = jnp.asarray(square_sizes(num_queries, height, width, p_init))
-  expand = lambda v: v[:, None, None, None]
-  stripes_key, key = jax.random.split(key)
-  stripes = jax.random.rademacher(stripes_key, (n, 1, width, channels), jnp.float32)
-  x_best = jnp.clip(images + eps * stripes, 0.0, 1.0)
+  k_corner, k_sign = jax.random.split(key)
+  inside = _window(images.shape, *_corners(k_corner, n, height, width, size), size)
+  signs = jax.random.rademacher(k_sign, (n, 1, 1, channels), jnp.float32)
+  x_new = jnp.where(inside, x_best + 2.0 * eps * signs, x_best)
+  return jnp.clip(jnp.clip(x_new, images - eps, images + eps), 0.0, 1.0)
+
+
+def _inverse_squares(length: int) -> jax.Array:
+  """H with H[n] = sum_{k=1}^{n} 1 / k^2, for n up to `length`."""
+  return jnp.concatenate([jnp.zeros(1), jnp.cumsum(1.0 / jnp.arange(1, length + 1) ** 2)])
+
+
+def _rectangle(i, j, rows, cols, table):
+  """The reference's L2 building block on a rows x cols rectangle, at local (i, j): nested
+  rectangles around its centre, the k-th (k = 0, 1, ...) adding 1 / (k + 1)^2; 0 outside."""
+  depth = jnp.maximum(jnp.abs(i - rows // 2), jnp.abs(j - cols // 2))
+  count = jnp.maximum(rows // 2 + 1, cols // 2 + 1)
+  inside = (i >= 0) & (i < rows) & (j >= 0) & (j < cols) & (depth < count)
+  return jnp.where(inside, table[count] - table[jnp.minimum(depth, count)], 0.0)
+
+
+def _pattern(i, j, size, transpose, extent: int):
+  """The reference's `eta(size)` at local (i, j), transposed where `transpose`: a unit-norm
+  rectangle pattern on the top half and its negative on the bottom half, in all unit norm."""
+  i, j = jnp.where(transpose, j, i), jnp.where(transpose, i, j)
+  table = _inverse_squares(extent + 2)
+  half = size // 2
+  grid_i, grid_j = jnp.arange(extent)[:, None], jnp.arange(extent)[None, :]
+  norm = lambda r: jnp.sqrt(jnp.sum(_rectangle(grid_i, grid_j, r, size, table) ** 2))
+  top_norm, bottom_norm = norm(half), norm(size - half)
+  top = _rectangle(i, j, half, size, table) / jnp.maximum(top_norm, 1e-12)
+  bottom = _rectangle(i - half, j, size - half, size, table) / jnp.maximum(bottom_norm, 1e-12)
+  halves = (top_norm > 0).astype(jnp.float32) + (bottom_norm > 0)
+  return (top - bottom) / jnp.sqrt(halves)
+
+
+def _l2_norm(x: jax.Array, axes=(1, 2, 3)) -> jax.Array:
+  """The L2 norm over `axes`, kept as size-1 axes."""
+  return jnp.sqrt(jnp.sum(x * x, axis=axes, keepdims=True))
+
+
+def _l2_start(key, images, eps):
+  """A grid of patterns of side H // 5, each with a random sign per channel, at norm eps."""
+  n, height, width, channels = images.shape
+  side = height // 5
+  offset = (height - 5 * side) // 2
+  across, down = width // side, height // side
+  k_sign, k_transpose = jax.random.split(key)
+  signs = jax.random.rademacher(k_sign, (n, down, across, channels), jnp.float32)
+  transpose = jax.random.bernoulli(k_transpose, 0.5, (n, down, across))
+  rows, cols = jnp.arange(height) - offset, jnp.arange(width) - offset
+  row_cell, col_cell = jnp.clip(rows // side, 0, down - 1), jnp.clip(cols // side, 0, across - 1)
+  covered = ((rows >= 0) & (rows // side < down))[:, None] & (
+      (cols >= 0) & (cols // side < across))[None, :]
+  flip = transpose[:, row_cell][:, :, col_cell]  # (N, H, W)
+  value = _pattern((rows % side)[None, :, None], (cols % side)[None, None, :], side, flip,
+                   max(height, width))
+  delta = jnp.where(covered[None, :, :, None],
+                    value[..., None] * signs[:, row_cell][:, :, col_cell], 0.0)
+  return jnp.clip(images + eps * delta / (_l2_norm(delta) + 1e-12), 0.0, 1.0)
+
+
+def _l2_proposal(key, images, x_best, size, eps):
+  """x_best's perturbation with window 2 emptied and window 1 redrawn (its old direction plus a
+  fresh pattern, scaled to the freed budget), rescaled to norm eps."""
+  n, height, width, channels = images.shape
+  k_first, k_second, k_sign, k_transpose = jax.random.split(key, 4)
+  top, left = _corners(k_first, n, height, width, size)
+  first = _window(images.shape, top, left, size)
+  second = _window(images.shape, *_corners(k_second, n, height, width, size), size)
+  delta = x_best - images
+  first_norm = _l2_norm(jnp.where(first, delta, 0.0), (1, 2))  # Per (example, channel).
+  image_norm = _l2_norm(delta)
+  windows_norm = _l2_norm(jnp.where(first | second, delta, 0.0))
+  rows = jnp.arange(height)[None, :, None] - top[:, None, None]
+  cols = jnp.arange(width)[None, None, :] - left[:, None, None]
+  transpose = jax.random.bernoulli(k_transpose, 0.5, (n, 1, 1))
+  pattern = _pattern(rows, cols, size, transpose, max(height, width))[..., None]
+  signs = jax.random.rademacher(k_sign, (n, 1, 1, channels), jnp.float32)
+  new = jnp.where(first, pattern * signs + delta / (first_norm + 1e-12), 0.0)
+  budget = jnp.sqrt(jnp.maximum(eps**2 - image_norm**2, 0.0) / channels + windows_norm**2)
+  new = new / (_l2_norm(new, (1, 2)) + 1e-12) * budget
+  delta = jnp.where(first, new, jnp.where(second, 0.0, delta))
+  return jnp.clip(images + eps * delta / (_l2_norm(delta) + 1e-12), 0.0, 1.0)
+
+
+def _square_single(logits_fn: LogitsFn, images, labels, key, *, eps, num_queries, p_init, norm):
+  """One Square run (margin loss); returns the best point of each example."""
+  _, height, width, _ = images.shape
+  sizes = jnp.asarray(square_sizes(num_queries, height, width, p_init, norm))
+  start, propose = (_linf_start, _linf_proposal) if norm == "linf" else (_l2_start,
+                                                                          _l2_proposal)
+  start_key, key = jax.random.split(key)
+  x_best = start(start_key, images, eps)
   margin_best = margin(logits_fn(x_best), labels)
-  rows = jnp.arange(height)[None, :, None, None]
-  cols = jnp.arange(width)[None, None, :, None]
+  expand = lambda v: v[:, None, None, None]
 
   def query(i, carry):
     x_best, margin_best = carry
-    size = sizes[i]
-    k_row, k_col, k_sign = jax.random.split(jax.random.fold_in(key, i), 3)
-    # Corners in [0, side - size), as the reference (the last position is never drawn).
-    top = jnp.floor(jax.random.uniform(k_row, (n,)) * (height - size)).astype(jnp.int32)
-    left = jnp.floor(jax.random.uniform(k_col, (n,)) * (width - size)).astype(jnp.int32)
-    inside = ((rows >= expand(top)) & (rows < expand(top) + size) &
-              (cols >= expand(left)) & (cols < expand(left) + size))
-    signs = jax.random.rademacher(k_sign, (n, 1, 1, channels), jnp.float32)
-    x_new = jnp.where(inside, x_best + 2.0 * eps * signs, x_best)
-    x_new = jnp.clip(jnp.clip(x_new, images - eps, images + eps), 0.0, 1.0)
+    x_new = propose(jax.random.fold_in(key, i), images, x_best, sizes[i], eps)
     margin_new = margin(logits_fn(x_new), labels)
+    # Only still-robust examples move: to a higher margin, or to any misclassified point.
     accept = (margin_best < 0) & ((margin_new > margin_best) | (margin_new >= 0))
     return (jnp.where(expand(accept), x_new, x_best), jnp.where(accept, margin_new, margin_best))
 
@@ -423,16 +667,17 @@ def _square_single(logits_fn: LogitsFn, images, labels, key, *, eps, num_queries
 def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
            eps: float, num_queries: int = 5000, p_init: float = 0.8, restarts: int = 1,
            norm: str = "linf") -> jax.Array:
-  """The L-inf Square attack: `num_queries` model calls per restart, no gradients.
+  """The Square attack (L-inf or L2): `num_queries` model calls per restart, no gradients.
 
   A fixed-length `lax.fori_loop`; an example stops changing once misclassified. Restarts run
-  under vmap and are combined point-wise.
+  under vmap and are combined point-wise. L2 needs images of at least 5 x 5 pixels.
   """
-  if norm != "linf":
-    raise ValueError(f"norm={norm!r}: the Square attack here is L-inf only")
   _check(eps, norm, "margin")
+  if norm == "l2" and min(images.shape[1:3]) < 5:
+    raise ValueError(f"images of {images.shape[1]}x{images.shape[2]}: L2 Square needs at "
+                     "least 5x5")
   run = lambda k: _square_single(logits_fn, images, labels, k, eps=eps,
-                                 num_queries=num_queries, p_init=p_init)
+                                 num_queries=num_queries, p_init=p_init, norm=norm)
   candidates = jax.vmap(run)(jax.random.split(key, restarts))
   return jax.lax.stop_gradient(worst_case(logits_fn, _with_clean(images, candidates), labels))
 
@@ -440,6 +685,12 @@ def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
 # ---------------------------------------------------------------------------------------------
 # By name.
 # ---------------------------------------------------------------------------------------------
+
+# Bumped when an attack's code changes what it computes, so stale evaluation progress (keyed by
+# the version) is never reused after a fix. Square 2: the standard, unrescaled schedule at 5,000
+# queries, and L2.
+VERSIONS = {"clean": 1, "fgsm": 1, "pgd": 1, "cw": 1, "apgd-ce": 1, "apgd-dlr": 1, "apgd-t": 1,
+            "fab-t": 1, "square": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,13 +710,19 @@ REGISTRY: dict[str, AttackKind] = {
     "apgd-ce": AttackKind(white_box=True, task_form="apgd-<steps>"),
     "apgd-dlr": AttackKind(white_box=True),
     "apgd-t": AttackKind(white_box=True),
+    "fab-t": AttackKind(white_box=True),
     "square": AttackKind(white_box=False),
 }
 ATTACKS = tuple(REGISTRY)
 TASK_ATTACKS = tuple(name for name, kind in REGISTRY.items() if kind.task_form)
 WHITE_BOX = tuple(name for name, kind in REGISTRY.items() if kind.white_box)
-AA_LITE = ("apgd-ce", "apgd-t", "square")  # AA-lite's attacks, in the order they run.
-EVALUATION_ATTACKS = ATTACKS + ("aa-lite",)  # 'aa-lite': the point-wise worst case of AA_LITE.
+# Composite attacks: the point-wise worst case of their components, each run on the points
+# still robust, in this order. 'autoattack' is AutoAttack's standard version; 'aa-lite' omits
+# FAB-T, so its robust accuracy is an upper bound on AutoAttack's.
+AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")
+AA_LITE = ("apgd-ce", "apgd-t", "square")
+COMPOSITES = {"autoattack": AUTOATTACK, "aa-lite": AA_LITE}
+EVALUATION_ATTACKS = ATTACKS + tuple(COMPOSITES)
 TASK_ATTACK_FORMS = ", ".join(REGISTRY[n].task_form for n in TASK_ATTACKS[:-1]) + (
     f" or {REGISTRY[TASK_ATTACKS[-1]].task_form}")
 
@@ -484,7 +741,7 @@ def _fraction_of_255(value: float) -> str:
 class ThreatModel:
   """One attack with its settings: a task's attack, an evaluation attack or the training one.
 
-  `name` is one of ATTACKS; `num_steps` counts PGD/CW/APGD iterations and Square's queries;
+  `name` is one of ATTACKS; `num_steps` counts PGD/CW/APGD/FAB iterations and Square's queries;
   without `step_size`, Madry et al.'s rule sets it. Hashable: it is a static jit argument.
   """
 
@@ -494,13 +751,18 @@ class ThreatModel:
   step_size: float | None = None
   norm: str = "linf"
   restarts: int = 1
-  num_targets: int = 9  # APGD-T only.
+  num_targets: int = 9  # APGD-T and FAB-T.
 
   def __post_init__(self):
     if self.name not in REGISTRY:
       raise ValueError(f"attack {self.name!r} is not one of {', '.join(ATTACKS)}")
     if self.step_size is None:
       object.__setattr__(self, "step_size", madry_step_size(self.eps, self.num_steps))
+
+  @property
+  def version(self) -> int:
+    """The version of the attack's code (VERSIONS), part of every evaluation progress key."""
+    return VERSIONS[self.name]
 
   def key(self) -> str:
     """A short stable name, e.g. 'pgd10-linf-0.03137' (part of a task's key)."""
@@ -521,8 +783,14 @@ class ThreatModel:
                                                                  f"{self.num_targets} targets")
       return (f"APGD-{self.name[5:].upper()}-{self.num_steps} ({loss}, {norm} eps={eps}, "
               f"{restarts})")
+    if self.name == "fab-t":
+      return (f"FAB-T-{self.num_steps} ({self.num_targets} targets, {norm} eps={eps}, "
+              f"alpha_max=0.1, eta=1.05, beta=0.9, {restarts})")
     if self.name == "square":
-      return f"Square ({self.num_steps} queries, margin, p_init=0.8, {norm} eps={eps}, {restarts})"
+      schedule = ("p schedule rescaled to the budget" if square_rescaled(self.num_steps)
+                  else "standard p schedule")
+      return (f"Square ({self.num_steps} queries, {schedule}, margin, p_init=0.8, {norm} "
+              f"eps={eps}, {restarts})")
     loss = "CE" if self.name == "pgd" else "CW margin"
     step = _fraction_of_255(self.step_size) if self.norm == "linf" else f"{self.step_size:g}"
     return (f"{'PGD' if self.name == 'pgd' else 'CW'}-{self.num_steps} ({loss}, {norm} "
@@ -545,7 +813,7 @@ def parse_task_attack(name: str, eps: float, norm: str = "linf") -> ThreatModel:
 
 def attack(name: str, logits_fn: LogitsFn, images, labels, key, *, eps, step_size=0.0,
            num_steps=1, norm="linf", restarts=1, num_targets=9, unroll=True) -> jax.Array:
-  """A named attack of ATTACKS. `num_steps` counts APGD iterations and Square's queries."""
+  """A named attack of ATTACKS. `num_steps` counts APGD and FAB iterations and Square's queries."""
   if name == "clean":
     return images
   if name == "fgsm":
@@ -560,6 +828,9 @@ def attack(name: str, logits_fn: LogitsFn, images, labels, key, *, eps, step_siz
   if name == "apgd-t":
     return apgd_targeted(logits_fn, images, labels, key, eps=eps, num_steps=num_steps,
                          num_targets=num_targets, norm=norm, restarts=restarts, unroll=unroll)
+  if name == "fab-t":
+    return fab_targeted(logits_fn, images, labels, key, eps=eps, num_steps=num_steps,
+                        num_targets=num_targets, norm=norm, restarts=restarts)
   if name == "square":
     return square(logits_fn, images, labels, key, eps=eps, num_queries=num_steps,
                   restarts=restarts, norm=norm)

@@ -2,10 +2,14 @@
 
 The model is always evaluated in eval mode (BN running statistics), inside the attacks too.
 Batches are padded to a fixed size (one compile per attack) and split over the mesh. The suite
-(METHOD §7) adds AutoAttack's APGD-CE, APGD-T and Square, and "AA-lite": their point-wise worst
-case, each attack run only on the points still robust, as AutoAttack's standard mode does.
-Given a progress file, every (attack, batch) result is appended to it as it finishes, so a killed
-evaluation continues where it stopped.
+(METHOD §7) adds AutoAttack's attacks and two composites (`attacks.COMPOSITES`), each the
+point-wise worst case of its attacks, each run only on the points still robust:
+- 'autoattack', AutoAttack's standard version: APGD-CE, APGD-T, FAB-T, Square;
+- 'aa-lite', the same without FAB-T: an upper bound on AutoAttack's robust accuracy.
+Every adversarial batch is checked as AutoAttack checks it (perturbation within eps, values in
+[0, 1], no NaN); a violation stops the evaluation. Given a progress file, every (attack, batch)
+result is appended to it as it finishes, keyed by the attack's settings and code version, so a
+killed evaluation continues where it stopped and a fixed attack never reuses stale results.
 """
 
 from __future__ import annotations
@@ -25,28 +29,64 @@ from rcnas_jax.nets import models
 from rcnas_jax.robust import attacks
 from rcnas_jax.runtime import parallel, preemption, store
 
+# AutoAttack's standard version: (steps or queries, targets) per attack, 1 restart each.
+STANDARD = {"apgd-ce": (100, None), "apgd-t": (100, 9), "fab-t": (100, 9), "square": (5000, None)}
+# Perturbations may exceed eps by float rounding only.
+TOLERANCE = 1e-5
+
+
+class EvaluationError(RuntimeError):
+  """An attack produced an invalid adversarial batch; the evaluation stopped."""
+
+
 def settings_for(name: str, e: ml_collections.ConfigDict) -> attacks.ThreatModel:
   """The settings config.evaluation gives attack `name` (one of attacks.ATTACKS)."""
   steps = {"pgd": (e.pgd_steps, e.pgd_step_size), "cw": (e.cw_steps, e.cw_step_size),
            "apgd-ce": (e.apgd_steps, 0.0), "apgd-dlr": (e.apgd_steps, 0.0),
-           "apgd-t": (e.apgd_steps, 0.0), "square": (e.square_queries, 0.0)}
+           "apgd-t": (e.apgd_steps, 0.0), "fab-t": (e.fab_steps, 0.0),
+           "square": (e.square_queries, 0.0)}
   num_steps, step_size = steps.get(name, (1, e.eps))
+  targets = e.fab_targets if name == "fab-t" else e.apgd_targets
   return attacks.ThreatModel(name, eps=e.eps, step_size=step_size, num_steps=num_steps,
-                             norm=e.norm, restarts=e.restarts, num_targets=e.apgd_targets)
+                             norm=e.norm, restarts=e.restarts, num_targets=targets)
 
 
 def attacks_from_config(e: ml_collections.ConfigDict,
                         names=None) -> tuple[attacks.ThreatModel, ...]:
   """The attacks of `names` (default config.evaluation.attacks) that run on every example."""
-  return tuple(settings_for(name, e) for name in (names or e.attacks) if name != "aa-lite")
+  return tuple(settings_for(name, e) for name in (names or e.attacks)
+               if name not in attacks.COMPOSITES)
 
 
-def aa_lite_from_config(e: ml_collections.ConfigDict,
-                        names=None) -> tuple[attacks.ThreatModel, ...]:
-  """AA-lite's attacks when `names` (default config.evaluation.attacks) has 'aa-lite', else ()."""
-  if "aa-lite" not in (names or e.attacks):
-    return ()
-  return tuple(settings_for(n, e) for n in attacks.AA_LITE)
+def composites_from_config(e: ml_collections.ConfigDict,
+                           names=None) -> dict[str, tuple[attacks.ThreatModel, ...]]:
+  """Per composite of `names` (default config.evaluation.attacks), its attacks in order."""
+  return {name: tuple(settings_for(n, e) for n in attacks.COMPOSITES[name])
+          for name in (names or e.attacks) if name in attacks.COMPOSITES}
+
+
+def is_standard(components: tuple[attacks.ThreatModel, ...], num_classes: int) -> bool:
+  """Whether every component runs at AutoAttack's standard settings (targets capped at the
+  number of other classes, as AutoAttack caps them)."""
+  def standard(a):
+    steps, targets = STANDARD[a.name]
+    return (a.num_steps == steps and a.restarts == 1 and
+            (targets is None or min(a.num_targets, num_classes - 1) == min(targets,
+                                                                            num_classes - 1)))
+  return all(standard(a) for a in components)
+
+
+def composite_label(name: str, components: tuple[attacks.ThreatModel, ...],
+                    num_classes: int) -> str:
+  """What a composite's number is: AutoAttack (standard or not) or AA-lite, and its parts."""
+  parts = ", ".join(a.describe() for a in components) + ", each on the points still robust"
+  if name == "aa-lite":
+    return ("AA-lite (AutoAttack without FAB-T: an upper bound on AutoAttack's robust "
+            f"accuracy): point-wise worst case of {parts}")
+  version = ("standard version" if is_standard(components, num_classes) else
+             "NOT the standard settings (APGD 100 steps, 9 targets, FAB-T 100 steps, Square "
+             "5000 queries, 1 restart)")
+  return f"AutoAttack ({version}): point-wise worst case of {parts}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,10 +94,21 @@ def aa_lite_from_config(e: ml_collections.ConfigDict,
 # ---------------------------------------------------------------------------------------------
 
 
+def _violations(adversarial: jax.Array, images: jax.Array, norm: str) -> jax.Array:
+  """(3,) of a batch: its largest perturbation norm, how far its values leave [0, 1], and
+  whether any is NaN (AutoAttack's run-time checks)."""
+  delta = (adversarial - images).reshape(images.shape[0], -1)
+  size = jnp.max(jnp.abs(delta), axis=1) if norm == "linf" else jnp.linalg.norm(delta, axis=1)
+  outside = jnp.maximum(jnp.max(-adversarial), jnp.max(adversarial - 1.0))
+  return jnp.stack([jnp.max(size), jnp.maximum(outside, 0.0),
+                    jnp.any(jnp.isnan(adversarial)).astype(jnp.float32)])
+
+
 @functools.partial(jax.jit, static_argnames=("model", "attack", "unroll"))
 def _correct(variables, images, labels, key, *, model: nn.Module,
-             attack: attacks.ThreatModel, unroll: bool) -> jax.Array:
-  """Per example, whether the model still classifies it correctly under `attack`.
+             attack: attacks.ThreatModel, unroll: bool) -> tuple[jax.Array, jax.Array]:
+  """Per example, whether the model still classifies it correctly under `attack`; and the
+  batch's `_violations`.
 
   `unroll` applies to PGD and CW; APGD's loop stays rolled (unrolled, 100 steps compile for
   minutes, and a rolled loop costs less than 2x at run time even on CPU).
@@ -66,7 +117,21 @@ def _correct(variables, images, labels, key, *, model: nn.Module,
   logits_fn = models.logits_fn(model, variables)
   x = images.astype(jnp.float32) / 255.0
   adversarial = attacks.run(attack, logits_fn, x, labels, key, unroll)
-  return jnp.argmax(logits_fn(adversarial), axis=-1) == labels
+  return (jnp.argmax(logits_fn(adversarial), axis=-1) == labels,
+          _violations(adversarial, x, attack.norm))
+
+
+def check_batch(violations, attack: attacks.ThreatModel, batch: int) -> None:
+  """Raises EvaluationError (one line) when a batch broke the threat model."""
+  size, outside, nan = (float(v) for v in violations)
+  where = f"evaluation stopped: {attack.describe()}, batch {batch}"
+  if nan:
+    raise EvaluationError(f"{where}: NaN in the adversarial images")
+  if outside > TOLERANCE:
+    raise EvaluationError(f"{where}: adversarial values leave [0, 1] by {outside:.3g}")
+  if size > attack.eps * (1 + TOLERANCE) + TOLERANCE:
+    raise EvaluationError(f"{where}: a perturbation of {attack.norm} norm {size:.6g} exceeds "
+                          f"eps={attack.eps:.6g}")
 
 
 def _padded_batches(split: data.Split, batch_size: int):
@@ -115,7 +180,7 @@ def correct_flags(model: nn.Module, variables: dict, split: data.Split,
   if len(split) == 0:
     return np.zeros(0, bool), 0.0
   batch_size = _batch_size(batch_size, len(split), mesh)
-  tag = f"{tag}{attack.describe()}|n={len(split)}|batch={batch_size}"
+  tag = f"{tag}{attack.describe()}|v{attack.version}|n={len(split)}|batch={batch_size}"
   flags, seconds = [], 0.0
   for i, (images, labels, mask) in enumerate(_padded_batches(split, batch_size)):
     record = progress.get(tag, i)
@@ -123,9 +188,10 @@ def correct_flags(model: nn.Module, variables: dict, split: data.Split,
       preemption.check(f"evaluation ({attack.describe()}, batch {i})")
       started = time.perf_counter()
       images, labels = parallel.shard_batch(mesh, images, labels)
-      correct = parallel.gather(_correct(variables, images, labels, jax.random.fold_in(key, i),
-                                         model=model, attack=attack, unroll=unroll))[mask]
-      progress.put(tag, i, correct, time.perf_counter() - started)
+      correct, violations = _correct(variables, images, labels, jax.random.fold_in(key, i),
+                                     model=model, attack=attack, unroll=unroll)
+      check_batch(violations, attack, i)
+      progress.put(tag, i, parallel.gather(correct)[mask], time.perf_counter() - started)
       record = progress.get(tag, i)
     flags.append(np.array([c == "1" for c in record["correct"]], bool))
     seconds += record["seconds"]
@@ -149,14 +215,18 @@ def robust_accuracy(model: nn.Module, variables: dict, split: data.Split,
   return _result(correct, attack.describe(), seconds)
 
 
-def aa_lite(model: nn.Module, variables: dict, split: data.Split,
-            components: tuple[attacks.ThreatModel, ...], robust: np.ndarray, key: jax.Array,
-            mesh: Mesh, *, batch_size: int = 256, unroll: bool = True,
-            progress: Progress | None = None, known: dict | None = None) -> dict:
+def composite(model: nn.Module, variables: dict, split: data.Split, name: str,
+              components: tuple[attacks.ThreatModel, ...], robust: np.ndarray, key: jax.Array,
+              mesh: Mesh, *, batch_size: int = 256, unroll: bool = True,
+              progress: Progress | None = None, known: dict | None = None) -> dict:
   """The point-wise worst case of `components`, each run only on the points still robust.
 
   `robust` is the clean-correct mask; `known` maps settings to (per-example flags, seconds)
   already computed on the whole split (reused, with their time, instead of running again).
+  The result's 'after' gives the robust accuracy after each component, 'standard' whether
+  every component ran at AutoAttack's standard settings. Components run with
+  keys folded from `key` by their position, and their progress is tagged by settings only, so
+  composites that share a prefix of components (AutoAttack and AA-lite) share its results.
   """
   variables = parallel.replicate(mesh, variables)
   robust, seconds, after = robust.copy(), 0.0, {}
@@ -169,23 +239,23 @@ def aa_lite(model: nn.Module, variables: dict, split: data.Split,
       flags, spent = correct_flags(
           model, variables, data.Split(split.images[index], split.labels[index]), attack,
           jax.random.fold_in(key, j), mesh, batch_size=batch_size, unroll=unroll,
-          progress=progress, tag="aa-lite|")
+          progress=progress, tag="composite|")
       robust[index] = flags
       seconds += spent
     after[attack.name] = float(np.mean(robust))
-  label = ("AA-lite: point-wise worst case of " + ", ".join(a.describe() for a in components)
-           + ", each on the points still robust")
-  return {**_result(robust, label, seconds), "after": after, "robust": robust}
+  label = composite_label(name, components, model.num_classes)
+  return {**_result(robust, label, seconds), "after": after,
+          "standard": is_standard(components, model.num_classes), "robust": robust}
 
 
 def evaluate(model: nn.Module, variables: dict, split: data.Split,
              attack_list: tuple[attacks.ThreatModel, ...], key: jax.Array, mesh: Mesh, *,
              batch_size: int = 256, unroll: bool = True,
-             aa_lite_attacks: tuple[attacks.ThreatModel, ...] = (),
+             composites: dict[str, tuple[attacks.ThreatModel, ...]] | None = None,
              progress_path: str | None = None) -> dict[str, dict]:
-  """Results keyed by attack name: each of `attack_list`, then 'aa-lite' if it has attacks.
+  """Results keyed by attack name: each of `attack_list`, then each of `composites`.
 
-  AA-lite reuses the per-example results of those of its attacks that are in `attack_list`.
+  A composite reuses the per-example results of its attacks that are in `attack_list`.
   """
   progress = Progress(progress_path)
   variables = parallel.replicate(mesh, variables)
@@ -196,16 +266,17 @@ def evaluate(model: nn.Module, variables: dict, split: data.Split,
                                      progress=progress)
     known[a] = (correct, seconds)
     results[a.name] = _result(correct, a.describe(), seconds)
-  if aa_lite_attacks:
+  if composites:
     clean = next((flags for a, (flags, _) in known.items() if a.name == "clean"), None)
     if clean is None:
       clean = correct_flags(model, variables, split, attacks.ThreatModel("clean"), key, mesh,
                             batch_size=batch_size, progress=progress)[0]
-    result = aa_lite(model, variables, split, aa_lite_attacks, clean,
-                     jax.random.fold_in(key, len(attack_list)), mesh, batch_size=batch_size,
-                     unroll=unroll, progress=progress, known=known)
+  for name, components in (composites or {}).items():
+    result = composite(model, variables, split, name, components, clean,
+                       jax.random.fold_in(key, len(attack_list)), mesh,
+                       batch_size=batch_size, unroll=unroll, progress=progress, known=known)
     del result["robust"]
-    results["aa-lite"] = result
+    results[name] = result
   return results
 
 

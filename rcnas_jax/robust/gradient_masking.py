@@ -59,7 +59,8 @@ def black_box_beats_white_box(results: dict[str, dict], alpha: float = 0.002) ->
   if "square" in results and white and results["square"]["accuracy"] < min(white) - alpha:
     return (f"the black-box Square attack ({100 * results['square']['accuracy']:.2f}%) beats "
             f"every white-box attack (best {100 * min(white):.2f}%)")
-  after = results.get("aa-lite", {}).get("after", {})
+  composite = next((results[n] for n in attacks.COMPOSITES if n in results), {})
+  after = composite.get("after", {})
   if "square" in after and len(after) > 1:
     before = min(v for k, v in after.items() if k != "square")
     if after["square"] < before - alpha:
