@@ -26,17 +26,22 @@ def _linear_problem(seed=0, n=400):
   return logits_fn, weights, bias, jnp.asarray(images), jnp.asarray(labels)
 
 
-def _exact_linf_robust_accuracy(weights, bias, images, labels, eps):
-  """A point is robust iff (w_y - w_j).x + b_y - b_j > eps ||w_y - w_j||_1 for every j != y."""
+def _boundary_distances(weights, bias, images, labels, norm="linf"):
+  """(N, classes): each point's distance to the boundary with class j, gap / ||w_y - w_j||_dual
+  (the dual of L-inf is L1, of L2 itself); inf for j = y, <= 0 when misclassified."""
   x = np.asarray(images).reshape(len(images), -1)
   y = np.asarray(labels)
   logits = x @ weights + bias
-  robust = np.ones(len(x), bool)
-  for j in range(NUM_CLASSES):
-    diff = weights[:, y].T - weights[:, j][None, :]
-    gap = logits[np.arange(len(x)), y] - logits[:, j]
-    robust &= (y == j) | (gap > eps * np.abs(diff).sum(axis=1))
-  return robust.mean()
+  diff = weights[:, y].T[:, :, None] - weights[None]
+  dual = np.linalg.norm(diff, ord=1 if norm == "linf" else 2, axis=1)
+  gap = logits[np.arange(len(x)), y][:, None] - logits
+  own = np.arange(NUM_CLASSES) == y[:, None]
+  return np.where(own, np.inf, gap / np.where(own, 1.0, dual))
+
+
+def _exact_robust_accuracy(weights, bias, images, labels, eps, norm="linf"):
+  """A point is robust iff (w_y - w_j).x + b_y - b_j > eps ||w_y - w_j||_dual for every j != y."""
+  return float(np.mean(_boundary_distances(weights, bias, images, labels, norm).min(1) > eps))
 
 
 def _accuracy(logits_fn, images, labels):
@@ -46,7 +51,7 @@ def _accuracy(logits_fn, images, labels):
 @pytest.mark.parametrize("eps", [0.02, 0.05, 0.1])
 def test_margin_pgd_matches_exact_linear_robust_accuracy(eps):
   logits_fn, weights, bias, images, labels = _linear_problem()
-  exact = _exact_linf_robust_accuracy(weights, bias, images, labels, eps)
+  exact = _exact_robust_accuracy(weights, bias, images, labels, eps)
   assert 0.05 < exact < 0.74, "the problem must be non-trivial at this eps"
   adversarial = jax.jit(functools.partial(
       attacks.pgd, logits_fn, eps=eps, step_size=eps / 4, num_steps=30, loss="margin",
@@ -167,20 +172,30 @@ def test_apgd_checkpoints_follow_autoattack_schedule():
   assert list(np.nonzero(attacks.apgd_checkpoints(10))[0]) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 
-def test_square_schedule_is_autoattack_p_selection():
+def test_square_schedule_is_autoattack_standard_at_5000_queries_and_rescaled_otherwise():
+  # The standard version (resc_schedule=False): p_selection of the query number itself.
+  queries = (0, 10, 11, 51, 201, 501, 1001, 2001, 4000, 4001, 4999)
+  assert [attacks.square_fraction(q, 5000) for q in queries] == [
+      0.8, 0.8, 0.4, 0.2, 0.1, 0.05, 0.025, 0.0125, 0.0125, 0.00625, 0.00625]
+  sizes = attacks.square_sizes(5000, 32, 32)
+  assert sizes[0] == 29 and sizes[4001] == sizes[-1] == 3  # round(sqrt(0.00625 * 1024)) = 3.
+  assert not attacks.square_rescaled(5000)
+  # Any other budget rescales (resc_schedule=True): query 2 of 1,000 is iteration 20 of 10,000.
+  assert attacks.square_rescaled(1000) and attacks.square_fraction(2, 1000) == 0.4
   assert [attacks.square_fraction(q, 10000) for q in (0, 10, 11, 51, 201, 501, 8001)] == [
       0.8, 0.8, 0.4, 0.2, 0.1, 0.05, 0.8 / 512]
-  # Rescaled to 1,000 queries: query 2 is iteration 20 of the 10,000-query schedule.
-  assert attacks.square_fraction(2, 1000) == 0.4
   sizes = attacks.square_sizes(1000, 32, 32)
   assert sizes[0] == 29 and sizes[2] == 20 and sizes[-1] == 1  # round(sqrt(p * 1024)).
   assert np.all(np.diff(sizes) <= 0)
+  # L2 windows are odd and at least 3 pixels wide, as the reference's.
+  l2 = attacks.square_sizes(1000, 32, 32, norm="l2")
+  assert l2[0] == 29 and l2[2] == 21 and l2[-1] == 3 and np.all(l2 % 2 == 1)
 
 
 @pytest.mark.parametrize("eps", [0.02, 0.05, 0.1])
 def test_apgd_targeted_matches_exact_linear_robust_accuracy(eps):
   logits_fn, weights, bias, images, labels = _linear_problem()
-  exact = _exact_linf_robust_accuracy(weights, bias, images, labels, eps)
+  exact = _exact_robust_accuracy(weights, bias, images, labels, eps)
   adversarial = jax.jit(functools.partial(attacks.apgd_targeted, logits_fn, eps=eps,
                                           num_steps=30))(images, labels, jax.random.key(0))
   assert abs(_accuracy(logits_fn, adversarial, labels) - exact) <= 0.005
@@ -188,7 +203,7 @@ def test_apgd_targeted_matches_exact_linear_robust_accuracy(eps):
 
 def test_apgd_dlr_matches_exact_and_ce_is_weaker_on_a_linear_model():
   logits_fn, weights, bias, images, labels = _linear_problem()
-  exact = _exact_linf_robust_accuracy(weights, bias, images, labels, 0.1)
+  exact = _exact_robust_accuracy(weights, bias, images, labels, 0.1)
   run = lambda loss: _accuracy(logits_fn, jax.jit(functools.partial(
       attacks.apgd, logits_fn, eps=0.1, num_steps=30, loss=loss))(
           images, labels, jax.random.key(0)), labels)
@@ -253,7 +268,7 @@ def test_square_is_score_based_and_finds_adversarials():
   assert at_corner.mean() > 0.99
 
 
-@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "square"])
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "fab-t", "square"])
 def test_named_autoattack_attacks(name):
   logits_fn, _, _, images, labels = _linear_problem(n=64)
   adversarial = jax.jit(functools.partial(attacks.attack, name, logits_fn, eps=0.05,
@@ -267,8 +282,105 @@ def test_apgd_needs_enough_classes_for_dlr():
   images, labels = jnp.zeros((2, 2, 2, 1)), jnp.zeros(2, jnp.int32)
   with pytest.raises(ValueError, match="3 classes: the targeted DLR loss needs at least 4"):
     attacks.apgd_targeted(logits_fn, images, labels, jax.random.key(0), eps=0.1)
-  with pytest.raises(ValueError, match="L-inf only"):
+  with pytest.raises(ValueError, match="images of 2x2: L2 Square needs at least 5x5"):
     attacks.square(logits_fn, images, labels, jax.random.key(0), eps=0.1, norm="l2")
+
+
+def test_l2_square_keeps_every_point_on_the_sphere_and_finds_adversarials():
+  logits_fn = _small_mlp(4)
+  # Pixels at least eps from the box's faces: no coordinate of an L2 step of eps is clipped.
+  images = jax.random.uniform(jax.random.key(10), (128, SIDE, SIDE, 1), minval=0.3, maxval=0.7)
+  labels = jnp.argmax(logits_fn(images), axis=1)
+  eps = 0.3
+  adversarial = jax.jit(functools.partial(attacks.square, logits_fn, eps=eps, norm="l2",
+                                          num_queries=300))(images, labels, jax.random.key(0))
+  norms = np.linalg.norm(np.asarray(adversarial - images).reshape(128, -1), axis=1)
+  moved = norms > 0
+  assert np.all(norms <= eps + 1e-5) and np.all((adversarial >= 0) & (adversarial <= 1))
+  # Every perturbation has norm eps exactly (the reference's rescaling).
+  np.testing.assert_allclose(norms[moved], eps, rtol=1e-4)
+  white_box = jax.jit(functools.partial(attacks.apgd, logits_fn, eps=eps, norm="l2",
+                                        num_steps=50))(images, labels, jax.random.key(0))
+  square_accuracy = _accuracy(logits_fn, adversarial, labels)
+  assert square_accuracy < 0.7
+  assert _accuracy(logits_fn, white_box, labels) <= square_accuracy + 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# FAB-T: its projection, and exact minimal distances on linear classifiers.
+# ---------------------------------------------------------------------------------------------
+
+
+def _least_norm_step(point, w, c, norm):
+  """min ||d|| s.t. w.d = c, 0 <= point + d <= 1, by scipy (an LP for L-inf, a QP for L2)."""
+  from scipy import optimize
+  bounds = list(zip(-point, 1 - point))
+  if norm == "linf":  # Variables (d, t): min t with -t <= d_i <= t.
+    d = len(point)
+    rows = np.block([[np.eye(d), -np.ones((d, 1))], [-np.eye(d), -np.ones((d, 1))]])
+    result = optimize.linprog(np.r_[np.zeros(d), 1.0], A_ub=rows, b_ub=np.zeros(2 * d),
+                              A_eq=np.r_[w, 0.0][None], b_eq=[c], bounds=bounds + [(0, None)])
+    return result.x[:-1]
+  result = optimize.minimize(lambda x: x @ x, np.zeros(len(point)), jac=lambda x: 2 * x,
+                             constraints=[{"type": "eq", "fun": lambda x: w @ x - c}],
+                             bounds=bounds, method="SLSQP", options={"ftol": 1e-14})
+  return result.x
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_boundary_step_is_the_least_norm_step_inside_the_box(norm):
+  rng = np.random.default_rng(0)
+  size = lambda d: np.max(np.abs(d)) if norm == "linf" else np.linalg.norm(d)
+  feasible = 0
+  for _ in range(40):
+    point, w = rng.uniform(size=7), rng.normal(size=7) * (rng.uniform(size=7) > 0.2)
+    c = float(rng.normal() * rng.choice([0.1, 1.0, 3.0]))
+    step = np.asarray(attacks.boundary_step(jnp.asarray(point[None], jnp.float32),
+                                            jnp.asarray(w[None], jnp.float32),
+                                            jnp.asarray([c], jnp.float32), norm))[0]
+    reachable = np.sum(np.abs(w) * np.where(w * np.sign(c) > 0, 1 - point, point))
+    if reachable >= abs(c):
+      feasible += 1
+      assert w @ step == pytest.approx(c, abs=1e-5)
+      assert np.all(point + step >= -1e-6) and np.all(point + step <= 1 + 1e-6)
+      assert size(step) == pytest.approx(size(_least_norm_step(point, w, c, norm)), abs=1e-5)
+    else:  # The box cannot reach the plane: the box-free projection, c w / ||w||_dual...
+      dual = np.sum(np.abs(w)) if norm == "linf" else np.linalg.norm(w)
+      assert w @ step == pytest.approx(c, abs=1e-5)
+      assert size(step) == pytest.approx(abs(c) / dual, rel=1e-5)
+  assert 10 < feasible < 40
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.02), ("linf", 0.05), ("l2", 0.1), ("l2", 0.3)])
+def test_fab_targeted_matches_exact_linear_robust_accuracy(norm, eps):
+  logits_fn, weights, bias, images, labels = _linear_problem()
+  exact = _exact_robust_accuracy(weights, bias, images, labels, eps, norm)
+  assert 0.1 < exact < 0.75
+  adversarial = jax.jit(functools.partial(attacks.fab_targeted, logits_fn, eps=eps,
+                                          norm=norm))(images, labels, jax.random.key(0))
+  delta = np.asarray(adversarial - images).reshape(len(images), -1)
+  sizes = np.max(np.abs(delta), 1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+  assert np.all(sizes <= eps + 1e-6)
+  # FAB's points are real adversarials, so it never reports less than the exact accuracy; and
+  # it finds every distance to within 1% (below), so it breaks every point closer than eps/1.01.
+  ours = _accuracy(logits_fn, adversarial, labels)
+  within = _exact_robust_accuracy(weights, bias, images, labels, eps / 1.01, norm)
+  assert exact - 1e-6 <= ours <= within + 1e-6 and within - exact <= 0.01
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fab_finds_the_minimal_distance_to_each_target_on_a_linear_model(norm):
+  logits_fn, weights, bias, images, labels = _linear_problem()
+  correct = np.asarray(jnp.argmax(logits_fn(images), 1) == labels)
+  images, labels = images[correct], labels[correct]
+  targets = attacks._ranked_classes(logits_fn(images), 2)
+  _, found = jax.jit(lambda x, y, t: attacks._fab_single(
+      logits_fn, x, y, t, x, num_steps=100, norm=norm, alpha_max=0.1, eta=1.05, beta=0.9))(
+          images, labels, targets)
+  exact = np.take_along_axis(_boundary_distances(weights, bias, images, labels, norm),
+                             np.asarray(targets)[:, None], 1)[:, 0]
+  ratio = np.asarray(found) / exact
+  assert np.all(ratio >= 1 - 1e-4) and np.all(ratio <= 1.01)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,9 +396,11 @@ def test_registry_lists_every_attack_the_dispatcher_runs():
                       images, labels, jax.random.key(0), unroll=False)
     assert out.shape == images.shape
   assert attacks.TASK_ATTACKS == ("clean", "fgsm", "pgd", "cw", "apgd-ce")
-  assert attacks.WHITE_BOX == ("fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr", "apgd-t")
-  assert set(attacks.AA_LITE) <= set(attacks.ATTACKS)
-  assert attacks.EVALUATION_ATTACKS[-1] == "aa-lite"
+  assert attacks.WHITE_BOX == ("fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t")
+  assert attacks.AUTOATTACK == ("apgd-ce", "apgd-t", "fab-t", "square")
+  assert attacks.AA_LITE == tuple(a for a in attacks.AUTOATTACK if a != "fab-t")
+  assert attacks.EVALUATION_ATTACKS[-2:] == ("autoattack", "aa-lite")
+  assert set(attacks.VERSIONS) == set(attacks.ATTACKS)
   with pytest.raises(ValueError, match="not one of clean, fgsm"):
     attacks.ThreatModel("fab", eps=0.1)
 
@@ -299,6 +413,14 @@ def test_threat_model_defaults_to_madrys_step_and_keeps_a_given_one():
   assert attacks.ThreatModel("cw", eps=8 / 255, num_steps=40, step_size=0.8 / 255).describe() == (
       "CW-40 (CW margin, L-inf eps=0.03137 (8/255), step=0.003137 (0.8/255), random start, "
       "1 restart)")
+  assert attacks.ThreatModel("fab-t", eps=8 / 255, num_steps=100).describe() == (
+      "FAB-T-100 (9 targets, L-inf eps=0.03137 (8/255), alpha_max=0.1, eta=1.05, beta=0.9, "
+      "1 restart)")
+  assert attacks.ThreatModel("square", eps=0.5, num_steps=5000, norm="l2").describe() == (
+      "Square (5000 queries, standard p schedule, margin, p_init=0.8, L2 eps=0.5, 1 restart)")
+  assert "p schedule rescaled to the budget" in attacks.ThreatModel(
+      "square", eps=0.5, num_steps=300).describe()
+  assert attacks.ThreatModel("square").version == 2
   with pytest.raises(TypeError):
     attacks.ThreatModel("pgd", 0.1, 5)  # Positional settings are ambiguous: keywords only.
 

@@ -1,9 +1,11 @@
 """Evaluation: exact clean accuracy, padding and masking, eval-mode BN, labelled settings, the
-AutoAttack suite with AA-lite on the points still robust, resuming from the progress file."""
+AutoAttack suite with its composites on the points still robust, run-time sanity checks, and
+resuming from the progress file (keyed by each attack's version)."""
 
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -75,8 +77,8 @@ def trained(setup):
 
 def _suite_config():
   c = config_lib.base_config().evaluation
-  c.update(eps=0.1, apgd_steps=5, apgd_targets=2, square_queries=20,
-           attacks=("clean", "apgd-ce", "aa-lite"))
+  c.update(eps=0.1, apgd_steps=5, apgd_targets=2, fab_steps=5, fab_targets=2, square_queries=20,
+           attacks=("clean", "apgd-ce", "autoattack", "aa-lite"))
   return c
 
 
@@ -84,40 +86,66 @@ def test_suite_labels_and_defaults():
   c = config_lib.base_config().evaluation
   assert [a.name for a in evaluate.attacks_from_config(c)] == [
       "clean", "fgsm", "pgd", "cw", "apgd-ce", "apgd-t"]
-  assert [a.name for a in evaluate.aa_lite_from_config(c)] == ["apgd-ce", "apgd-t", "square"]
-  apgd_t, square = evaluate.aa_lite_from_config(c)[1:]
+  composites = evaluate.composites_from_config(c)
+  assert list(composites) == ["autoattack"]
+  assert [a.name for a in composites["autoattack"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+  apgd_t, fab_t, square = composites["autoattack"][1:]
   assert apgd_t.describe() == (
       "APGD-T-100 (targeted DLR, 9 targets, L-inf eps=0.03137 (8/255), 1 restart)")
-  assert square.describe() == (
-      "Square (5000 queries, margin, p_init=0.8, L-inf eps=0.03137 (8/255), 1 restart)")
+  assert fab_t.describe() == ("FAB-T-100 (9 targets, L-inf eps=0.03137 (8/255), alpha_max=0.1, "
+                              "eta=1.05, beta=0.9, 1 restart)")
+  assert square.describe() == ("Square (5000 queries, standard p schedule, margin, p_init=0.8, "
+                               "L-inf eps=0.03137 (8/255), 1 restart)")
+  assert evaluate.is_standard(composites["autoattack"], 10)
+  assert evaluate.composite_label("autoattack", composites["autoattack"], 10).startswith(
+      "AutoAttack (standard version): point-wise worst case of APGD-CE-100")
+  # With 4 classes AutoAttack attacks the 3 others: 9 targets is still the standard setting.
+  assert evaluate.is_standard(composites["autoattack"], 4)
+  cheap = evaluate.composites_from_config(_suite_config())
+  assert not evaluate.is_standard(cheap["autoattack"], 10)
+  assert "NOT the standard settings" in evaluate.composite_label("autoattack",
+                                                                 cheap["autoattack"], 10)
+  assert evaluate.composite_label("aa-lite", cheap["aa-lite"], 10).startswith(
+      "AA-lite (AutoAttack without FAB-T: an upper bound on AutoAttack's robust accuracy)")
   c.attacks = ("clean",)
-  assert evaluate.aa_lite_from_config(c) == ()
+  assert evaluate.composites_from_config(c) == {}
 
 
-def test_aa_lite_is_the_worst_case_on_still_robust_points_and_resumes(trained, tmp_path):
+def test_composites_are_worst_cases_on_still_robust_points_and_resume(trained, tmp_path):
   model, variables, split = trained
   c = _suite_config()
   mesh = parallel.data_mesh()
   progress = tmp_path / "evaluation.jsonl"
   run = lambda: evaluate.evaluate(model, variables, split, evaluate.attacks_from_config(c),
                                   jax.random.key(0), mesh, batch_size=16,
-                                  aa_lite_attacks=evaluate.aa_lite_from_config(c),
+                                  composites=evaluate.composites_from_config(c),
                                   progress_path=str(progress))
   results = run()
-  assert list(results) == ["clean", "apgd-ce", "aa-lite"]
-  after = results["aa-lite"]["after"]
-  assert list(after) == ["apgd-ce", "apgd-t", "square"]
+  assert list(results) == ["clean", "apgd-ce", "autoattack", "aa-lite"]
+  full, lite = results["autoattack"]["after"], results["aa-lite"]["after"]
+  assert list(full) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+  assert list(lite) == ["apgd-ce", "apgd-t", "square"]
   # APGD-CE's flags are reused; then each attack only lowers the robust accuracy.
-  assert after["apgd-ce"] == results["apgd-ce"]["accuracy"] <= results["clean"]["accuracy"]
-  assert after["apgd-ce"] >= after["apgd-t"] >= after["square"]
-  assert results["aa-lite"]["accuracy"] == after["square"]
+  assert full["apgd-ce"] == results["apgd-ce"]["accuracy"] <= results["clean"]["accuracy"]
+  assert full["apgd-ce"] >= full["apgd-t"] >= full["fab-t"] >= full["square"]
+  assert lite["apgd-t"] == full["apgd-t"] and lite["apgd-t"] >= lite["square"]
+  assert results["autoattack"]["accuracy"] == full["square"]
+  assert results["aa-lite"]["accuracy"] == lite["square"]
+  assert not results["autoattack"]["standard"]
   records = [json.loads(line) for line in progress.read_text().splitlines()]
-  # APGD-T ran only on the points APGD-CE left robust, Square on those APGD-T left.
-  attacked = lambda prefix: sum(len(r["correct"]) for r in records
-                                if r["tag"].startswith("aa-lite|" + prefix))
-  assert attacked("APGD-CE") == 0
-  assert attacked("APGD-T") == round(after["apgd-ce"] * len(split)) > 0
-  assert attacked("Square") == round(after["apgd-t"] * len(split)) > 0
+  attacked = lambda *parts: [len(r["correct"]) for r in records if r["tag"].startswith(
+      "composite|") and all(part in r["tag"] for part in parts)]
+  # Each attack ran only on the points the previous one left robust; the shared prefix
+  # (APGD-CE, APGD-T) ran once for both composites.
+  n = len(split)
+  assert attacked("APGD-CE") == []
+  # Targeted attacks run target by target, each on the points the last left robust.
+  assert sum(attacked("APGD-T", "target=2|")) == round(full["apgd-ce"] * n) > 0
+  assert sum(attacked("APGD-T", "target=3|")) <= round(full["apgd-ce"] * n)
+  assert sum(attacked("FAB-T", "target=2|")) == round(full["apgd-t"] * n) > 0
+  # Square runs on what FAB-T left, and on what APGD-T left: once if FAB-T broke nothing.
+  squares = {round(full["fab-t"] * n), round(lite["apgd-t"] * n)}
+  assert sorted(attacked("Square")) == sorted(squares)
   # A rerun computes nothing; a run killed mid-file (a cut line too) recomputes the rest.
   assert run() == results and len(progress.read_text().splitlines()) == len(records)
   lines = progress.read_text().splitlines(keepends=True)
@@ -127,6 +155,71 @@ def test_aa_lite_is_the_worst_case_on_still_robust_points_and_resumes(trained, t
       k: r["accuracy"] for k, r in results.items()}
   assert [json.loads(line) for line in progress.read_text().splitlines()]  # Every line whole,
   assert len(progress.read_text().splitlines()) == len(records)  # so a second resume reads it.
+
+
+def test_target_by_target_equals_all_targets_at_once(trained):
+  model, variables, split = trained
+  # FAB-T with one restart has no randomness: the sequential run must equal the vmapped one.
+  threat = attacks.ThreatModel("fab-t", eps=0.1, num_steps=10, num_targets=4)
+  flags, _ = evaluate.correct_flags(model, variables, split, threat, jax.random.key(0),
+                                    parallel.data_mesh(), batch_size=16)
+  logits_fn = models.logits_fn(model, variables)
+  x = split.images.astype(np.float32) / 255
+  adversarial = attacks.fab_targeted(logits_fn, x, split.labels, jax.random.key(0), eps=0.1,
+                                     num_steps=10, num_targets=4)
+  expected = np.argmax(logits_fn(adversarial), 1) == split.labels
+  np.testing.assert_array_equal(flags, expected)
+  assert 0 < expected.mean() < np.mean(np.argmax(logits_fn(x), 1) == split.labels)
+
+
+def test_a_new_attack_version_is_never_served_stale_progress(trained, tmp_path, monkeypatch):
+  model, variables, split = trained
+  progress = tmp_path / "evaluation.jsonl"
+  attack = attacks.ThreatModel("square", eps=0.1, num_steps=10)
+  run = lambda: evaluate.robust_accuracy(model, variables, split, attack, jax.random.key(0),
+                                         parallel.data_mesh(), batch_size=16,
+                                         progress=evaluate.Progress(str(progress)))
+  run()
+  tags = {json.loads(line)["tag"] for line in progress.read_text().splitlines()}
+  assert len(tags) == 1 and f"|v{attacks.VERSIONS['square']}|" in tags.pop()
+  monkeypatch.setitem(attacks.VERSIONS, "square", attacks.VERSIONS["square"] + 1)
+  run()
+  assert len({json.loads(line)["tag"] for line in progress.read_text().splitlines()}) == 2
+
+
+@pytest.mark.parametrize("violations,needle", [
+    ((0.1, 0.0, 1.0), "NaN in the adversarial images"),
+    ((0.1, 0.01, 0.0), "adversarial values leave [0, 1] by 0.01"),
+    ((0.1001, 0.0, 0.0), "a perturbation of linf norm 0.1001 exceeds eps=0.1"),
+])
+def test_an_invalid_adversarial_batch_stops_the_evaluation(violations, needle):
+  attack = attacks.ThreatModel("pgd", eps=0.1, num_steps=3)
+  with pytest.raises(evaluate.EvaluationError) as error:
+    evaluate.check_batch(np.array(violations), attack, 2)
+  assert str(error.value) == f"evaluation stopped: {attack.describe()}, batch 2: {needle}"
+  evaluate.check_batch(np.array((0.1 + 1e-7, 1e-7, 0.0)), attack, 2)  # Rounding passes.
+
+
+def test_violations_measure_the_batch():
+  images = np.full((2, 2, 2, 1), 0.5, np.float32)
+  adversarial = images.copy()
+  adversarial[1, 0, 0, 0] = 0.7
+  assert np.allclose(evaluate._violations(adversarial, images, "linf"), (0.2, 0.0, 0.0))
+  adversarial[0, 1, 1, 0] = 1.25
+  adversarial[0, 0, 0, 0] = 1.25
+  assert np.allclose(evaluate._violations(adversarial, images, "l2"),
+                     (np.sqrt(2) * 0.75, 0.25, 0.0))
+  adversarial[1, 1, 0, 0] = np.nan
+  assert evaluate._violations(adversarial, images, "linf")[2] == 1.0
+
+
+def test_an_attack_that_leaves_the_ball_is_caught(trained, monkeypatch):
+  model, variables, split = trained
+  monkeypatch.setattr(attacks, "run",
+                      lambda threat, f, x, *_: jnp.clip(x + 2 * threat.eps, 0, 1))
+  with pytest.raises(evaluate.EvaluationError, match="exceeds eps=0.1"):
+    evaluate.robust_accuracy(model, variables, split, attacks.ThreatModel("fgsm", eps=0.1),
+                             jax.random.key(0), parallel.data_mesh(), batch_size=16)
 
 
 def test_progress_keys_on_the_settings(tmp_path):

@@ -41,8 +41,8 @@ def test_entry_in_percent_with_robustbenchs_eps_label():
                      "seconds": 2.0}}
   e = config_lib.base_config().evaluation
   entry = robustbench.entry(student, "digits", results, e, [], "run/export")
-  assert (entry["clean_acc"], entry["robust_acc"], entry["aa_lite_acc"]) == (
-      90.0, {"pgd": 45.68}, None)
+  assert (entry["clean_acc"], entry["robust_acc"], entry["aa_lite_acc"],
+          entry["autoattack_acc"]) == (90.0, {"pgd": 45.68}, None, None)
   assert (entry["eps"], entry["threat_model"], entry["n_examples"]) == ("8/255", "Linf", 10)
   assert entry["architecture"] == ("pre-act ResNet (relu): stem 16, stages 1x8 basic /1, "
                                    "1x16 basic /2")
@@ -50,6 +50,22 @@ def test_entry_in_percent_with_robustbenchs_eps_label():
   assert robustbench.entry(student, "digits", results, e, ["masked"], "x")["eps"] == "0.3"
   assert "- WARNING (possible gradient masking): masked" in robustbench.markdown(
       robustbench.entry(student, "digits", results, e, ["masked"], "x"), results)
+
+
+@pytest.mark.parametrize("standard", [True, False])
+def test_only_the_standard_autoattack_is_written_as_autoattack_acc(standard):
+  student = export.Student(SPEC, {}, None, {"params": 123, "macs": 456})
+  composite = {"accuracy": 0.4, "n_examples": 10, "attack": "AutoAttack (...)", "seconds": 3.0,
+               "after": {"apgd-ce": 0.5, "apgd-t": 0.45, "fab-t": 0.42, "square": 0.4},
+               "standard": standard}
+  results = {"autoattack": composite, "aa-lite": {**composite, "accuracy": 0.41}}
+  entry = robustbench.entry(student, "digits", results, config_lib.base_config().evaluation,
+                            [], "run/export")
+  assert entry["autoattack_acc"] == (40.0 if standard else None)
+  assert entry["aa_lite_acc"] == 41.0 and entry["robust_acc"]["autoattack"] == 40.0
+  text = robustbench.markdown(entry, results)
+  assert ("AutoAttack, robust accuracy after each attack: apgd-ce 50.00%, apgd-t 45.00%, "
+          "fab-t 42.00%, square 40.00%.") in text
 
 
 def test_report_fields_and_resume(student, tmp_path):

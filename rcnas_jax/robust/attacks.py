@@ -316,6 +316,14 @@ def _ranked_classes(logits: jax.Array, rank) -> jax.Array:
                              axis=1)[:, 0]
 
 
+def _target_ranks(num_targets: int, restarts: int, target_rank) -> jax.Array:
+  """Per run, the rank of its target class: ranks 2..num_targets + 1 (or `target_rank` alone),
+  each repeated `restarts` times."""
+  if target_rank is not None:
+    return jnp.full((restarts,), target_rank, jnp.int32)
+  return jnp.repeat(jnp.arange(2, num_targets + 2), restarts)
+
+
 def _with_clean(images: jax.Array, candidates: jax.Array) -> jax.Array:
   """Candidates plus the clean images, so a misclassified clean point stays misclassified."""
   return jnp.concatenate([images[None], candidates])
@@ -347,16 +355,17 @@ def apgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Arr
 def apgd_targeted(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array,
                   *, eps: float, num_steps: int = 100, num_targets: int = 9,
                   norm: str = "linf", restarts: int = 1, rho: float = 0.75,
-                  unroll: bool = False) -> jax.Array:
+                  unroll: bool = False, target_rank=None) -> jax.Array:
   """APGD-T: targeted DLR against each of the top `num_targets` other classes; worst case.
 
-  Targets and restarts run under one vmap (memory grows with num_targets x restarts).
+  Targets and restarts run under one vmap (memory grows with num_targets x restarts);
+  `target_rank=k` (may be traced) runs only the class with the k-th largest clean logit.
   """
   num_classes = jax.eval_shape(logits_fn, images).shape[1]
   _check_apgd(eps, norm, "dlr", num_classes, 4)
   num_targets = min(num_targets, num_classes - 1)
   clean_logits = jax.lax.stop_gradient(logits_fn(images))
-  ranks = jnp.repeat(jnp.arange(2, num_targets + 2), restarts)
+  ranks = _target_ranks(num_targets, restarts, target_rank)
 
   def run(rank, k):
     return _apgd_single(logits_fn, images, labels, k, _ranked_classes(clean_logits, rank),
@@ -452,13 +461,14 @@ def _fab_single(logits_fn: LogitsFn, images, labels, targets, start, *, num_step
 def fab_targeted(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
                  eps: float, num_steps: int = 100, num_targets: int = 9, norm: str = "linf",
                  restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05,
-                 beta: float = 0.9) -> jax.Array:
+                 beta: float = 0.9, target_rank=None) -> jax.Array:
   """FAB-T (AutoAttack's 'fab-t'): per target among the top `num_targets` other classes, FAB's
   minimal-norm search; an example is broken when some target gives a point within eps.
 
   The first restart starts at the image (AutoAttack's standard run: one restart, so no
   randomness); later ones at a random point of norm eps / 2. Targets and restarts run under one
-  vmap; returns, per example, the adversarial point within eps if one was found, else the image.
+  vmap (`target_rank=k`, which may be traced: the k-th largest clean logit's class only);
+  returns, per example, the adversarial point within eps if one was found, else the image.
   """
   num_classes = jax.eval_shape(logits_fn, images).shape[1]
   _check(eps, norm, "margin")
@@ -466,9 +476,9 @@ def fab_targeted(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key:
     raise ValueError(f"{num_classes} classes: FAB-T needs at least 2")
   num_targets = min(num_targets, num_classes - 1)
   clean_logits = jax.lax.stop_gradient(logits_fn(images))
-  ranks = jnp.repeat(jnp.arange(2, num_targets + 2), restarts)
+  ranks = _target_ranks(num_targets, restarts, target_rank)
   keys = jax.random.split(key, len(ranks))
-  random = jnp.tile(jnp.arange(restarts) > 0, num_targets)
+  random = jnp.tile(jnp.arange(restarts) > 0, len(ranks) // restarts)
 
   def run(rank, k, is_random):
     direction = (jax.random.uniform(k, images.shape, minval=-1.0, maxval=1.0) if norm == "linf"
@@ -723,6 +733,7 @@ AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")
 AA_LITE = ("apgd-ce", "apgd-t", "square")
 COMPOSITES = {"autoattack": AUTOATTACK, "aa-lite": AA_LITE}
 EVALUATION_ATTACKS = ATTACKS + tuple(COMPOSITES)
+TARGETED = ("apgd-t", "fab-t")  # Attacks that run once per target class.
 TASK_ATTACK_FORMS = ", ".join(REGISTRY[n].task_form for n in TASK_ATTACKS[:-1]) + (
     f" or {REGISTRY[TASK_ATTACKS[-1]].task_form}")
 
@@ -812,7 +823,8 @@ def parse_task_attack(name: str, eps: float, norm: str = "linf") -> ThreatModel:
 
 
 def attack(name: str, logits_fn: LogitsFn, images, labels, key, *, eps, step_size=0.0,
-           num_steps=1, norm="linf", restarts=1, num_targets=9, unroll=True) -> jax.Array:
+           num_steps=1, norm="linf", restarts=1, num_targets=9, unroll=True,
+           target_rank=None) -> jax.Array:
   """A named attack of ATTACKS. `num_steps` counts APGD and FAB iterations and Square's queries."""
   if name == "clean":
     return images
@@ -827,10 +839,12 @@ def attack(name: str, logits_fn: LogitsFn, images, labels, key, *, eps, step_siz
                 loss=name.split("-")[1], norm=norm, restarts=restarts, unroll=unroll)
   if name == "apgd-t":
     return apgd_targeted(logits_fn, images, labels, key, eps=eps, num_steps=num_steps,
-                         num_targets=num_targets, norm=norm, restarts=restarts, unroll=unroll)
+                         num_targets=num_targets, norm=norm, restarts=restarts, unroll=unroll,
+                         target_rank=target_rank)
   if name == "fab-t":
     return fab_targeted(logits_fn, images, labels, key, eps=eps, num_steps=num_steps,
-                        num_targets=num_targets, norm=norm, restarts=restarts)
+                        num_targets=num_targets, norm=norm, restarts=restarts,
+                        target_rank=target_rank)
   if name == "square":
     return square(logits_fn, images, labels, key, eps=eps, num_queries=num_steps,
                   restarts=restarts, norm=norm)
@@ -838,8 +852,10 @@ def attack(name: str, logits_fn: LogitsFn, images, labels, key, *, eps, step_siz
 
 
 def run(threat: ThreatModel, logits_fn: LogitsFn, images, labels, key,
-        unroll: bool = True) -> jax.Array:
-  """The adversarial images of `threat` against `logits_fn` (call it with eval-mode BN)."""
+        unroll: bool = True, target_rank=None) -> jax.Array:
+  """The adversarial images of `threat` against `logits_fn` (call it with eval-mode BN);
+  `target_rank` runs a targeted attack (TARGETED) against that one target rank."""
   return attack(threat.name, logits_fn, images, labels, key, eps=threat.eps,
                 step_size=threat.step_size, num_steps=threat.num_steps, norm=threat.norm,
-                restarts=threat.restarts, num_targets=threat.num_targets, unroll=unroll)
+                restarts=threat.restarts, num_targets=threat.num_targets, unroll=unroll,
+                target_rank=target_rank)

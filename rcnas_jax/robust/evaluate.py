@@ -15,6 +15,7 @@ killed evaluation continues where it stopped and a fixed attack never reuses sta
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 
 import flax.linen as nn
@@ -105,10 +106,10 @@ def _violations(adversarial: jax.Array, images: jax.Array, norm: str) -> jax.Arr
 
 
 @functools.partial(jax.jit, static_argnames=("model", "attack", "unroll"))
-def _correct(variables, images, labels, key, *, model: nn.Module,
+def _correct(variables, images, labels, key, target_rank, *, model: nn.Module,
              attack: attacks.ThreatModel, unroll: bool) -> tuple[jax.Array, jax.Array]:
-  """Per example, whether the model still classifies it correctly under `attack`; and the
-  batch's `_violations`.
+  """Per example, whether the model still classifies it correctly under `attack` (against the
+  one target rank `target_rank` when given, a traced int); and the batch's `_violations`.
 
   `unroll` applies to PGD and CW; APGD's loop stays rolled (unrolled, 100 steps compile for
   minutes, and a rolled loop costs less than 2x at run time even on CPU).
@@ -116,7 +117,7 @@ def _correct(variables, images, labels, key, *, model: nn.Module,
   unroll = unroll and attack.name in ("pgd", "cw")
   logits_fn = models.logits_fn(model, variables)
   x = images.astype(jnp.float32) / 255.0
-  adversarial = attacks.run(attack, logits_fn, x, labels, key, unroll)
+  adversarial = attacks.run(attack, logits_fn, x, labels, key, unroll, target_rank)
   return (jnp.argmax(logits_fn(adversarial), axis=-1) == labels,
           _violations(adversarial, x, attack.norm))
 
@@ -171,12 +172,40 @@ def _batch_size(batch_size: int, count: int, mesh: Mesh) -> int:
   return min(batch_size, -(-count // devices) * devices)
 
 
+def points_digest(index: np.ndarray) -> str:
+  """A short name of a set of example indices, for progress tags."""
+  return hashlib.sha256(np.asarray(index, np.int64).tobytes()).hexdigest()[:12]
+
+
 def correct_flags(model: nn.Module, variables: dict, split: data.Split,
                   attack: attacks.ThreatModel, key: jax.Array, mesh: Mesh, *,
                   batch_size: int = 256, unroll: bool = True, progress: Progress | None = None,
                   tag: str = "") -> tuple[np.ndarray, float]:
-  """Per example of `split`, correct under `attack`; and the attack's compute seconds."""
+  """Per example of `split`, correct under `attack`; and the attack's compute seconds.
+
+  A targeted attack runs as AutoAttack runs it: target rank by target rank, each only on the
+  points still robust (one program for every rank; the result equals the all-targets worst
+  case, as each example keeps any target's adversarial point).
+  """
   progress = progress or Progress(None)
+  if attack.name not in attacks.TARGETED:
+    return _batched_flags(model, variables, split, attack, key, mesh, None,
+                          batch_size=batch_size, unroll=unroll, progress=progress, tag=tag)
+  robust, seconds = np.ones(len(split), bool), 0.0
+  for rank in range(2, min(attack.num_targets, model.num_classes - 1) + 2):
+    index = np.flatnonzero(robust)
+    flags, spent = _batched_flags(
+        model, variables, data.Split(split.images[index], split.labels[index]), attack,
+        jax.random.fold_in(key, rank), mesh, rank, batch_size=batch_size, unroll=unroll,
+        progress=progress, tag=f"{tag}target={rank}|points={points_digest(index)}|")
+    robust[index] = flags
+    seconds += spent
+  return robust, seconds
+
+
+def _batched_flags(model, variables, split, attack, key, mesh, target_rank, *, batch_size,
+                   unroll, progress, tag) -> tuple[np.ndarray, float]:
+  """`correct_flags` of one attack (one target rank, or None), batch by batch."""
   if len(split) == 0:
     return np.zeros(0, bool), 0.0
   batch_size = _batch_size(batch_size, len(split), mesh)
@@ -188,8 +217,9 @@ def correct_flags(model: nn.Module, variables: dict, split: data.Split,
       preemption.check(f"evaluation ({attack.describe()}, batch {i})")
       started = time.perf_counter()
       images, labels = parallel.shard_batch(mesh, images, labels)
+      rank = None if target_rank is None else jnp.int32(target_rank)
       correct, violations = _correct(variables, images, labels, jax.random.fold_in(key, i),
-                                     model=model, attack=attack, unroll=unroll)
+                                     rank, model=model, attack=attack, unroll=unroll)
       check_batch(violations, attack, i)
       progress.put(tag, i, parallel.gather(correct)[mask], time.perf_counter() - started)
       record = progress.get(tag, i)
@@ -224,13 +254,13 @@ def composite(model: nn.Module, variables: dict, split: data.Split, name: str,
   `robust` is the clean-correct mask; `known` maps settings to (per-example flags, seconds)
   already computed on the whole split (reused, with their time, instead of running again).
   The result's 'after' gives the robust accuracy after each component, 'standard' whether
-  every component ran at AutoAttack's standard settings. Components run with
-  keys folded from `key` by their position, and their progress is tagged by settings only, so
-  composites that share a prefix of components (AutoAttack and AA-lite) share its results.
+  every component ran at AutoAttack's standard settings. A component's key and progress tag
+  depend only on the attack, its settings and the points it runs on, so composites that share
+  a prefix of components (AutoAttack and AA-lite) share its results.
   """
   variables = parallel.replicate(mesh, variables)
   robust, seconds, after = robust.copy(), 0.0, {}
-  for j, attack in enumerate(components):
+  for attack in components:
     if known and attack in known:
       robust &= known[attack][0]
       seconds += known[attack][1]
@@ -238,8 +268,9 @@ def composite(model: nn.Module, variables: dict, split: data.Split, name: str,
       index = np.flatnonzero(robust)
       flags, spent = correct_flags(
           model, variables, data.Split(split.images[index], split.labels[index]), attack,
-          jax.random.fold_in(key, j), mesh, batch_size=batch_size, unroll=unroll,
-          progress=progress, tag="composite|")
+          jax.random.fold_in(key, attacks.ATTACKS.index(attack.name)), mesh,
+          batch_size=batch_size, unroll=unroll, progress=progress,
+          tag=f"composite|points={points_digest(index)}|")
       robust[index] = flags
       seconds += spent
     after[attack.name] = float(np.mean(robust))
