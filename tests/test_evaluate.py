@@ -4,6 +4,7 @@ resuming from the progress file (keyed by each attack's version)."""
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -228,3 +229,43 @@ def test_progress_keys_on_the_settings(tmp_path):
   again = evaluate.Progress(str(tmp_path / "p.jsonl"))
   assert again.get("a", 0)["correct"] == "10" and again.get("a", 1) is None
   assert again.get("b", 0) is None
+
+
+class _Linear(nn.Module):
+  """A linear classifier in evaluate's model interface."""
+
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    return nn.Dense(self.num_classes)(images.reshape(images.shape[0], -1))
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.3)])
+def test_standard_autoattack_is_the_exact_robust_accuracy_of_a_linear_model(norm, eps):
+  rng = np.random.default_rng(0)
+  n, side, classes = 320, 6, 4
+  weights = rng.normal(size=(side * side, classes)).astype(np.float32) * 0.2
+  bias = rng.normal(size=classes).astype(np.float32) * 0.1
+  # uint8 pixels in [64, 191]: the [0, 1] box never binds, so the closed form is exact.
+  images = rng.integers(64, 192, size=(n, side, side, 1), dtype=np.uint8)
+  x = images.reshape(n, -1).astype(np.float32) / 255
+  logits = x @ weights + bias
+  labels = np.argmax(logits, 1)
+  labels[:32] = (labels[:32] + 1) % classes  # Some misclassified from the start.
+  gaps = logits[np.arange(n), labels][:, None] - logits
+  dual = np.linalg.norm(weights[:, labels].T[:, :, None] - weights[None],
+                        ord=1 if norm == "linf" else 2, axis=1)
+  own = np.arange(classes) == labels[:, None]
+  exact = float(np.mean(np.where(own, np.inf, gaps / np.where(own, 1, dual)).min(1) > eps))
+  assert 0.2 < exact < 0.7
+  c = config_lib.base_config().evaluation
+  c.update(eps=eps, norm=norm)
+  model = _Linear(classes)
+  variables = {"params": {"Dense_0": {"kernel": weights, "bias": bias}}}
+  results = evaluate.evaluate(model, variables, data.Split(images, labels),
+                              (attacks.ThreatModel("clean"),), jax.random.key(0),
+                              parallel.data_mesh(), batch_size=n, unroll=False,
+                              composites=evaluate.composites_from_config(c, ("autoattack",)))
+  assert results["autoattack"]["standard"]
+  assert exact - 1e-6 <= results["autoattack"]["accuracy"] <= exact + 0.01
