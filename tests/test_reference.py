@@ -96,8 +96,11 @@ def test_standard_attacks_match_torchattacks_within_one_point(standard, name):
   if name == "autoattack":
     assert ours[name]["standard"] and ours[name]["attack"].startswith(
         "AutoAttack (standard version)")
-    # torchattacks' AutoAttack (10 steps, rescaled Square) is no stronger than the standard one.
-    assert ours[name]["accuracy"] <= theirs["torchattacks.AutoAttack"][0] + 0.01
+    # torchattacks' AutoAttack (10 steps, rescaled Square) is no stronger than the standard one,
+    # and on this network still within a point of it.
+    shipped = theirs["torchattacks.AutoAttack"][0]
+    assert ours[name]["accuracy"] <= shipped + 1e-6 and _within_one_point(
+        ours[name]["accuracy"], shipped)
 
 
 @pytest.mark.parametrize("name", ["fab-t", "square"])
