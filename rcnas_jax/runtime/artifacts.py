@@ -70,6 +70,7 @@ META_TASKS = ("search.datasets", "search.attacks", "search.teachers", "search.bu
 TEST_EVALUATION = ("seed", "dataset.max_image_size", "evaluation.eps", "evaluation.norm",
                    "evaluation.pgd_steps", "evaluation.pgd_step_size", "evaluation.cw_steps",
                    "evaluation.cw_step_size", "evaluation.apgd_steps", "evaluation.apgd_targets",
+                   "evaluation.fab_steps", "evaluation.fab_targets",
                    "evaluation.square_queries", "evaluation.restarts", "evaluation.batch_size",
                    "evaluation.max_examples")
 
