@@ -7,8 +7,10 @@ uses `lax.fori_loop` (compiles faster, the better choice on GPU/TPU). Restarts r
 `vmap` and are combined point-wise: each example keeps its worst case.
 
 AutoAttack's attacks (Croce & Hein, ICML 2020) follow the reference implementation's algorithm:
-APGD (`apgd`, `apgd_targeted`) with its step-size schedule, and the score-based Square attack
-(`square`, Andriushchenko et al., ECCV 2020) with a fixed query budget.
+APGD (`apgd`, `apgd_targeted`) with its step-size schedule, FAB-T (`fab_targeted`, minimal-norm
+points by projections on the linearised boundary) and the score-based Square attack (`square`,
+Andriushchenko et al., ECCV 2020; L-inf and L2) with a fixed query budget. `AUTOATTACK` lists
+the standard version's attacks, which `evaluate` composes.
 """
 
 from __future__ import annotations
