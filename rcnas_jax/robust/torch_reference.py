@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from rcnas_jax.robust import evaluate
+
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
@@ -51,7 +53,7 @@ def correct(model, attack_fn, images: np.ndarray, labels: np.ndarray, eps: float
   seconds = time.perf_counter() - started
   delta = (adversarial - x).flatten(1)
   size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
-  if float(size.max()) > eps * (1 + 1e-5) + 1e-5:
+  if float(size.max()) > eps * (1 + evaluate.TOLERANCE) + evaluate.TOLERANCE:
     raise AssertionError(f"torchattacks left the eps-ball: {float(size.max()):.6g} > {eps:.6g}")
   with torch.no_grad():
     return (model(adversarial).argmax(1) == y).numpy(), seconds
