@@ -27,6 +27,7 @@ RESUME = ("auto", "strict")
 TRAINING_METHODS = ("standard", "pgd_at", "trades")
 SCHEDULES = ("step", "cosine", "constant")
 ATTACK_LOOPS = ("auto", "unrolled", "rolled")
+PROXY_PROGRAMS = ("auto", "family", "student")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -273,6 +274,10 @@ FIELDS: tuple[Field, ...] = (
     F("search.proxy.attack_steps", 3, Integer(positive=True), "The proxy's attack steps."),
     F("search.proxy.distill_weight", 0.0, Real(0.0, 1.0),
       "KL to the teacher's logits during proxy training."),
+    F("search.proxy.programs", "auto", Choice(PROXY_PROGRAMS),
+      "'family' runs every student on its family's masked network (nets/masked.py): one "
+      "compile per (teacher, strides, blocks); 'student' compiles each student's own shape; "
+      "'auto' is 'family' on CPU, where compiling dominates, and 'student' elsewhere."),
     F("search.policy.algorithm", "vpg", Choice(("vpg", "ppo")), "'vpg' (REINFORCE) or 'ppo'."),
     F("search.policy.baseline", "leave_one_out", Choice(("leave_one_out", "value")),
       "The advantage's baseline: the mean reward of the update's other M - 1 students, or the "

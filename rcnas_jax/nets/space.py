@@ -38,11 +38,8 @@ def compress(teacher_spec: arch.NetworkSpec, actions, *, image_size: int,
   stages = []
   for stage, action in zip(teacher_spec.stages, actions):
     depth = max(1, round(float(action.depth_ratio) * stage.depth))
-    multiples = max(1, round(float(action.width_ratio) * stage.channels / width_multiple))
-    channels = multiples * width_multiple
     block = "robust" if action.robust else "basic"
-    if block == "robust":
-      channels = max(channels, 16)
+    channels = stage_channels(stage.channels, action.width_ratio, block, width_multiple)
     stages.append(arch.StageSpec(depth, channels, 2 if action.downsample else 1, block))
   student = dataclasses.replace(teacher_spec, stages=tuple(stages))
   smallest = arch.spatial_sizes(student, image_size)[-1]
@@ -50,6 +47,13 @@ def compress(teacher_spec: arch.NetworkSpec, actions, *, image_size: int,
     raise InvalidStudentError(f"strides {tuple(s.stride for s in stages)} shrink a "
                               f"{image_size}x{image_size} image to {smallest}x{smallest}")
   return student
+
+
+def stage_channels(teacher_channels: int, width_ratio: float, block: str,
+                   width_multiple: int = 8) -> int:
+  """A student stage's base channels: the ratio of the teacher's, rounded to the multiple."""
+  channels = max(1, round(float(width_ratio) * teacher_channels / width_multiple)) * width_multiple
+  return max(channels, 16) if block == "robust" else channels
 
 
 def identity_actions(teacher_spec: arch.NetworkSpec) -> tuple[StageAction, ...]:

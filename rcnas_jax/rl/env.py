@@ -156,7 +156,7 @@ def episodes(env: Environment, task: Task, actions: list, *, phase: str,
       for key in new])
   for key, record in zip(new, records):  # In order, so the cache file is deterministic.
     env.cache.put(key, record)
-  proxy.release_programs()
+  proxy.release_programs(env.config)
   return [Episode(phase, iteration, i, task.key(), actions=chosen(a),
                   **_scored(env, task, p, fresh=p.get("key") in new))
           for i, (a, p) in enumerate(zip(actions, prepared))]

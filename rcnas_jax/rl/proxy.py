@@ -4,11 +4,17 @@ METHOD §5.3-5.4: weights inherited from the teacher, `config.search.proxy.epoch
 on a fixed stratified subset, then robust accuracy on a fixed sample of the *validation* split
 under the task's attack, BN in eval mode. Three jitted programs do it (start, train step,
 validation attack) from a Python loop; `release_programs` frees them between updates.
+
+With `search.proxy.programs` = 'family' (the CPU default) a student trains and is attacked as
+its family's masked network (nets/masked.py), so the train step and the attack compile once per
+family (teacher, strides, blocks) and only the inheritance compiles per student. The student's
+weights, losses and accuracy are the ones it has on its own network, up to float rounding.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import time
 
 import jax
@@ -19,7 +25,7 @@ import optax
 from jax.sharding import Mesh
 
 from rcnas_jax import data
-from rcnas_jax.nets import arch, inherit, models
+from rcnas_jax.nets import arch, inherit, masked, models
 from rcnas_jax.rl.tasks import Task
 from rcnas_jax.robust import attacks, training
 from rcnas_jax.runtime import parallel, preemption
@@ -47,6 +53,8 @@ def _start(teacher_variables, key, *, model, tx, teacher_spec, student_spec, ima
   return training.create_state(model, tx, key, image_shape, variables)
 
 
+_create = jax.jit(training.create_state, static_argnames=("model", "tx", "image_shape"))
+
 _step = jax.jit(training.train_step, static_argnames=("model", "tx", "settings", "teacher"),
                 donate_argnums=(0,))
 
@@ -68,6 +76,30 @@ def _optimizer(learning_rate: float, momentum: float, weight_decay: float,
       learning_rate=learning_rate, momentum=momentum, nesterov=False, weight_decay=weight_decay,
       grad_clip=grad_clip, schedule="cosine", warmup_epochs=0.0, epochs=1, decay_points=()))
   return training.optimizer(t, steps)
+
+
+def family_programs(config: ml_collections.ConfigDict) -> bool:
+  """Whether students run on their family's masked network (config.search.proxy.programs)."""
+  programs = config.search.proxy.programs
+  return programs == "family" or (programs == "auto" and jax.default_backend() == "cpu")
+
+
+# The families whose programs are compiled; `release_programs` frees them past _MAX_FAMILIES.
+_families: set = set()
+_families_lock = threading.Lock()
+_MAX_FAMILIES = 16
+
+
+def _networks(config: ml_collections.ConfigDict, info: data.DatasetInfo, task: Task,
+              spec: arch.NetworkSpec, dtype: str) -> tuple[models.ResNet, models.ResNet]:
+  """The student's network and the one it runs on: itself, or its masked family network."""
+  model = models.build(spec, info.num_classes, info.mean, info.std, dtype)
+  if not family_programs(config):
+    return model, model
+  family = masked.family(spec, arch.teacher(task.teacher), config.search.width_multiple)
+  with _families_lock:
+    _families.add((task.teacher, family))
+  return model, models.build(family, info.num_classes, info.mean, info.std, dtype, masked=True)
 
 
 def _keys(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[jax.Array, ...]:
@@ -98,15 +130,22 @@ def train(config: ml_collections.ConfigDict, info: data.DatasetInfo, train_split
   t = config.training
   steps = t.epochs * data.steps_per_epoch(train_split, t.batch_size)
   tx = _optimizer(t.learning_rate, t.momentum, t.weight_decay, t.grad_clip, steps)
-  model = models.build(spec, info.num_classes, info.mean, info.std, config.model.dtype)
+  model, runner = _networks(config, info, task, spec, config.model.dtype)
   teacher_spec = arch.teacher(task.teacher)
   teacher = None
   if t.distill_weight:
     teacher = models.build(teacher_spec, info.num_classes, info.mean, info.std, config.model.dtype)
   teacher_variables = parallel.replicate(mesh, teacher_variables)
   init_key, train_key, _ = _keys(config, mesh)
-  state = _start(teacher_variables, init_key, model=model, tx=tx, teacher_spec=teacher_spec,
-                 student_spec=spec, image_shape=info.image_shape)
+  if runner is model:
+    state = _start(teacher_variables, init_key, model=model, tx=tx, teacher_spec=teacher_spec,
+                   student_spec=spec, image_shape=info.image_shape)
+  else:
+    variables = inherit.inherited(teacher_variables, init_key, model=model,
+                                  teacher_spec=teacher_spec, student_spec=spec,
+                                  image_shape=info.image_shape)
+    variables = masked.embed(jax.device_get(variables), spec, runner, info.image_shape)
+    state = _create(runner, tx, init_key, info.image_shape, parallel.replicate(mesh, variables))
   settings = training.settings_from_config(config)
   losses = []
   for step in range(steps):
@@ -114,9 +153,13 @@ def train(config: ml_collections.ConfigDict, info: data.DatasetInfo, train_split
     images, labels = parallel.shard_batch(
         mesh, *data.batch_at(train_split, t.batch_size, seed=config.seed, step=step))
     state, step_metrics = _step(state, images, labels, train_key, teacher_variables,
-                                model=model, tx=tx, settings=settings, teacher=teacher)
+                                model=runner, tx=tx, settings=settings, teacher=teacher)
     losses.append(step_metrics["loss"])
-  return training.eval_variables(state, False), losses
+  variables = training.eval_variables(state, False)
+  if runner is not model:
+    variables = masked.extract(jax.device_get(variables), spec, runner.spec, model,
+                               info.image_shape)
+  return variables, losses
 
 
 def robust_accuracy(config: ml_collections.ConfigDict, info: data.DatasetInfo,
@@ -128,7 +171,10 @@ def robust_accuracy(config: ml_collections.ConfigDict, info: data.DatasetInfo,
   around, so that splits of any size share one compiled attack program.
   """
   chunk = chunk or len(validation)
-  float32 = models.build(spec, info.num_classes, info.mean, info.std)
+  model, float32 = _networks(config, info, task, spec, "float32")
+  if float32 is not model:
+    variables = masked.embed(jax.device_get(variables), spec, float32, info.image_shape)
+  variables = parallel.replicate(mesh, variables)
   correct = []
   for start in range(0, len(validation), chunk):
     idx = np.arange(start, start + chunk) % len(validation)
@@ -165,13 +211,19 @@ def evaluate_student(config: ml_collections.ConfigDict, dataset: data.Dataset,
           "seconds": time.perf_counter() - started}
 
 
-def release_programs() -> None:
-  """Frees the compiled proxy programs of finished students.
+def release_programs(config: ml_collections.ConfigDict) -> None:
+  """Frees the compiled proxy programs of finished students, and of families past a bound.
 
-  A repeated student is served by the evaluation cache, so these programs are rarely reused,
+  A repeated student is served by the evaluation cache, so its own programs are rarely reused,
   and each one holds executable memory maps: on Linux a long search would otherwise reach
   vm.max_map_count (65,530 here), where LLVM fails with "Cannot allocate memory" and the
-  process dies.
+  process dies. A family's programs are kept for its next students, up to _MAX_FAMILIES
+  families.
   """
-  for program in (_start, _step, _robust_correct):
+  programs = [_start, inherit.inherited]
+  with _families_lock:
+    if not family_programs(config) or len(_families) > _MAX_FAMILIES:
+      programs += [_create, _step, _robust_correct]
+      _families.clear()
+  for program in programs:
     program.clear_cache()

@@ -1,7 +1,7 @@
 """Adversarial training: PGD-AT and TRADES, optional distillation, one jitted data-parallel step.
 
 The train state is a dict pytree {step, params, batch_stats, opt_state, ema_params,
-ema_batch_stats}. The step's randomness is `fold_in(key, step)` and the batch of step s is a
+ema_batch_stats}, plus the constant `masks` of a student run on its masked family network. The step's randomness is `fold_in(key, step)` and the batch of step s is a
 pure function of (seed, s), so a run killed at any point resumes bit-identically from its last
 checkpoint. Every attack sees the model in eval mode (BN running statistics).
 """
@@ -102,7 +102,7 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Ar
                  image_shape, variables: dict | None = None) -> State:
   """A train state at step 0, from `variables` or a fresh initialisation."""
   variables = variables or models.init(model, key, image_shape)
-  return {
+  return {**_masks(variables),
       "step": jnp.zeros((), jnp.int32),
       "params": variables["params"],
       "batch_stats": variables["batch_stats"],
@@ -113,10 +113,16 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Ar
   }
 
 
+def _masks(variables: dict) -> dict:
+  """{'masks': ...} of a masked family network's variables or state, else {}."""
+  return {"masks": variables["masks"]} if "masks" in variables else {}
+
+
 def eval_variables(state: State, use_ema: bool) -> dict:
   """The variables to evaluate: the EMA weights when EMA is on."""
   prefix = "ema_" if use_ema else ""
-  return {"params": state[prefix + "params"], "batch_stats": state[prefix + "batch_stats"]}
+  return {"params": state[prefix + "params"], "batch_stats": state[prefix + "batch_stats"],
+          **_masks(state)}
 
 
 def augment(images: jax.Array, key: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
@@ -141,13 +147,13 @@ def _kl(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
   return attacks.kl_divergence(logits, None, target_logits)
 
 
-def _loss(params, batch_stats, clean, adversarial, labels, teacher_logits, *, model,
+def _loss(params, batch_stats, masks, clean, adversarial, labels, teacher_logits, *, model,
           settings: TrainSettings):
   """The training objective; BN statistics are updated by each train-mode pass in turn."""
 
   def forward(x, stats):
-    logits, updated = model.apply({"params": params, "batch_stats": stats}, x, train=True,
-                                  mutable=["batch_stats"])
+    logits, updated = model.apply({"params": params, "batch_stats": stats, **masks}, x,
+                                  train=True, mutable=["batch_stats"])
     return logits, updated["batch_stats"]
 
   ce = optax.softmax_cross_entropy_with_integer_labels
@@ -174,7 +180,7 @@ def train_step(state: State, images: jax.Array, labels: jax.Array, key: jax.Arra
   step_key = jax.random.fold_in(key, state["step"])
   augment_key, attack_key = jax.random.split(step_key)
   clean = augment(images, augment_key, settings.crop_padding, settings.flip)
-  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"], **_masks(state)}
   if settings.method == "standard":
     adversarial = clean
   else:
@@ -188,13 +194,14 @@ def train_step(state: State, images: jax.Array, labels: jax.Array, key: jax.Arra
     teacher_logits = teacher.apply(teacher_variables, clean, train=False)
   grad_fn = jax.grad(_loss, has_aux=True)
   grads, (batch_stats, step_metrics) = grad_fn(
-      state["params"], state["batch_stats"], clean, adversarial, labels, teacher_logits,
+      state["params"], state["batch_stats"], _masks(state), clean, adversarial, labels, teacher_logits,
       model=model, settings=settings)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   ema = lambda old, new: jax.tree.map(
       lambda o, n: settings.ema_decay * o + (1 - settings.ema_decay) * n, old, new)
   new_state = {
+      **_masks(state),
       "step": state["step"] + 1,
       "params": params,
       "batch_stats": batch_stats,

@@ -24,9 +24,11 @@ VERSIONS = {"teacher": 1, "probe": 1, "evaluation": 2, "phase": 1, "training": 1
             "test-evaluation": 1, "export": 1}
 
 # Fields that change how a run computes, not what: they never enter a key, and
-# `--config.resume=strict` ignores them. Rolled and unrolled loops run the same attack.
+# `--config.resume=strict` ignores them. Rolled and unrolled loops run the same attack; a
+# student on its masked family network computes what it computes on its own.
 EXECUTION_ONLY = ("resume", "compilation_cache_dir", "dataset.data_dir", "dataset.download",
                   "distributed", "parallel", "attack.loop", "evaluation.loop",
+                  "search.proxy.programs",
                   "training.log_every_steps", "training.checkpoint_every_steps")
 
 # Fields that reach keys through a value derived from them rather than by name: which job and
