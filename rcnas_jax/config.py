@@ -277,7 +277,8 @@ FIELDS: tuple[Field, ...] = (
     F("search.proxy.programs", "auto", Choice(PROXY_PROGRAMS),
       "'family' runs every student on its family's masked network (nets/masked.py): one "
       "compile per (teacher, strides, blocks); 'student' compiles each student's own shape; "
-      "'auto' is 'family' on CPU, where compiling dominates, and 'student' elsewhere."),
+      "'auto' is 'student': on 2 CPU cores a family network runs about as long as a student's "
+      "programs take to compile (benchmarks/results/proxy_programs.md)."),
     F("search.policy.algorithm", "vpg", Choice(("vpg", "ppo")), "'vpg' (REINFORCE) or 'ppo'."),
     F("search.policy.baseline", "leave_one_out", Choice(("leave_one_out", "value")),
       "The advantage's baseline: the mean reward of the update's other M - 1 students, or the "

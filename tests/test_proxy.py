@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -96,3 +97,20 @@ def test_the_selection_set_is_disjoint_from_the_reward_sample_and_chunks_exactly
   # Two chunks of the reward's 64 images, the second padded by wrapping around: same number.
   assert proxy.robust_accuracy(c, digits.info, selection, task, STUDENT, variables, mesh,
                                chunk=64) == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_student_on_its_family_network_trains_and_scores_as_on_its_own(trained):
+  """search.proxy.programs='family': the same losses, weights and robust accuracy."""
+  c, digits, teacher_variables, mesh, variables, losses = trained
+  family = ml_collections.ConfigDict(c.to_dict())
+  family.search.proxy.programs = "family"
+  task = Task("digits", ThreatModel("fgsm", eps=0.1), "tiny-8", 10**6)
+  train_split, validation, _ = proxy.splits(family, digits)
+  family_variables, family_losses = proxy.train(family, digits.info, train_split,
+                                                teacher_variables, task, STUDENT, mesh)
+  np.testing.assert_allclose(jax.device_get(family_losses), jax.device_get(losses), rtol=1e-3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-3),
+               jax.device_get(family_variables), jax.device_get(variables))
+  scores = [proxy.robust_accuracy(config, digits.info, validation, task, STUDENT, v, mesh)
+            for config, v in ((c, variables), (family, family_variables))]
+  assert abs(scores[0] - scores[1]) <= 1 / 64

@@ -5,7 +5,7 @@ on a fixed stratified subset, then robust accuracy on a fixed sample of the *val
 under the task's attack, BN in eval mode. Three jitted programs do it (start, train step,
 validation attack) from a Python loop; `release_programs` frees them between updates.
 
-With `search.proxy.programs` = 'family' (the CPU default) a student trains and is attacked as
+With `search.proxy.programs` = 'family' a student trains and is attacked as
 its family's masked network (nets/masked.py), so the train step and the attack compile once per
 family (teacher, strides, blocks) and only the inheritance compiles per student. The student's
 weights, losses and accuracy are the ones it has on its own network, up to float rounding.
@@ -80,8 +80,10 @@ def _optimizer(learning_rate: float, momentum: float, weight_decay: float,
 
 def family_programs(config: ml_collections.ConfigDict) -> bool:
   """Whether students run on their family's masked network (config.search.proxy.programs)."""
-  programs = config.search.proxy.programs
-  return programs == "family" or (programs == "auto" and jax.default_backend() == "cpu")
+  # 'auto' is 'student' until a backend measures otherwise: on 2 CPU cores at the quickstart's
+  # sizes the masked family network runs about as long as a student's programs compile, and
+  # a search meets a new family with most new students (benchmarks/proxy_programs.py).
+  return config.search.proxy.programs == "family"
 
 
 # The families whose programs are compiled; `release_programs` frees them past _MAX_FAMILIES.
