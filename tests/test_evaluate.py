@@ -173,6 +173,26 @@ def test_target_by_target_equals_all_targets_at_once(trained):
   assert 0 < expected.mean() < np.mean(np.argmax(logits_fn(x), 1) == split.labels)
 
 
+@pytest.mark.parametrize("threat", [
+    attacks.ThreatModel("apgd-ce", eps=0.1, num_steps=12, restarts=2),
+    attacks.ThreatModel("apgd-t", eps=0.1, num_steps=12, num_targets=3)], ids=["ce", "t"])
+def test_apgd_stepped_from_the_host_is_the_one_program_attack(trained, threat):
+  """One program per step (the CPU default) computes what one rolled program computes."""
+  model, variables, split = trained
+  images, labels = split.images[:32], split.labels[:32]
+  key = jax.random.key(3)
+  for rank in (None, jnp.int32(3)) if threat.name == "apgd-t" else (None,):
+    stepped = evaluate._correct_stepped(variables, images, labels, key, rank, model=model,
+                                        attack=threat)
+    rolled = evaluate._correct(variables, images, labels, key, rank, model=model,
+                               attack=threat, unroll=False)
+    np.testing.assert_array_equal(stepped[0], rolled[0])
+    np.testing.assert_allclose(stepped[1], rolled[1], atol=1e-6)
+  clean = np.mean(np.argmax(models.logits_fn(model, variables)(images.astype(np.float32) / 255), 1)
+                 == labels)
+  assert float(np.mean(stepped[0])) < clean  # The attack did something.
+
+
 def test_a_new_attack_version_is_never_served_stale_progress(trained, tmp_path, monkeypatch):
   model, variables, split = trained
   progress = tmp_path / "evaluation.jsonl"

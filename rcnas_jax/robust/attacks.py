@@ -242,9 +242,37 @@ class _ApgdState(NamedTuple):
   halved_at_check: jax.Array
 
 
-def _apgd_single(logits_fn: LogitsFn, images, labels, key, targets, *, eps, num_steps, loss,
-                 norm, rho, unroll) -> tuple[jax.Array, jax.Array]:
-  """One APGD run from one random start: (adversarial images, fooled mask)."""
+class Stages(NamedTuple):
+  """An attack as programs a host loop can drive: start, `num_steps` steps, finish.
+
+  Each takes `logits_fn, images, labels` first: start(..., key) -> state,
+  step(..., i, state) -> state, finish(..., state) -> adversarial images. `drive` runs them as
+  one program with a `fori_loop`; `evaluate` can also run every step as its own program, which
+  on XLA:CPU avoids the slow path of convolution gradients inside loops.
+  """
+
+  start: Callable
+  step: Callable
+  finish: Callable
+  num_steps: int
+
+
+def drive(stages: Stages, logits_fn: LogitsFn, images, labels, key,
+          unroll: bool = False) -> jax.Array:
+  """The attack of `stages` in one program: its steps rolled (`fori_loop`) or written out."""
+  state = stages.start(logits_fn, images, labels, key)
+  step = lambda i, s: stages.step(logits_fn, images, labels, i, s)
+  if unroll:
+    for i in range(stages.num_steps):
+      state = step(i, state)
+  else:
+    state = jax.lax.fori_loop(0, stages.num_steps, step, state)
+  return stages.finish(logits_fn, images, labels, state)
+
+
+def _apgd_loss_and_grad(logits_fn: LogitsFn, labels, targets, loss: str):
+  """x -> (per-example loss, misclassified, gradient) of APGD's loss (targeted DLR when
+  `targets` is given)."""
   per_example = ((lambda z: targeted_dlr(z, labels, targets)) if targets is not None
                  else (lambda z: LOSSES[loss](z, labels)))
 
@@ -256,49 +284,93 @@ def _apgd_single(logits_fn: LogitsFn, images, labels, key, targets, *, eps, num_
     (_, (values, logits)), grad = jax.value_and_grad(total, has_aux=True)(x)
     return values, jnp.argmax(logits, axis=1) != labels, grad
 
-  windows = jnp.asarray(apgd_checkpoints(num_steps))
-  expand = lambda v: v.reshape((-1,) + (1,) * (images.ndim - 1))
-  pick = lambda mask, a, b: jnp.where(expand(mask) if a.ndim > 1 else mask, a, b)
+  return loss_and_grad
 
-  def step(i, s: _ApgdState) -> _ApgdState:
-    momentum = jnp.where(i > 0, 0.75, 1.0)
-    z = project(s.x + expand(s.step_size) * ascent_direction(s.grad, norm), images, eps, norm)
-    x = project(s.x + momentum * (z - s.x) + (1 - momentum) * (s.x - s.x_previous), images,
-                eps, norm)
-    values, wrong, grad = loss_and_grad(x)
-    improved = values > s.loss_best
-    x_best, grad_best = pick(improved, x, s.x_best), pick(improved, grad, s.grad_best)
-    loss_best = jnp.where(improved, values, s.loss_best)
-    increases = s.increases + (values > s.loss_previous)
-    window = windows[i]
-    # Halve where the loss rose in at most rho of the window's steps, or where the best loss did
-    # not improve and the step was not halved at the last checkpoint; restart from the best.
-    halve = (window > 0) & ((increases <= window * rho) |
-                            (~s.halved_at_check & (s.loss_best_at_check >= loss_best)))
-    at_check = window > 0
-    return _ApgdState(
-        x=pick(halve, x_best, x), x_previous=s.x, grad=pick(halve, grad_best, grad),
-        step_size=jnp.where(halve, s.step_size / 2, s.step_size), x_best=x_best,
-        grad_best=grad_best, loss_best=loss_best,
-        x_adversarial=pick(wrong, x, s.x_adversarial), fooled=s.fooled | wrong,
-        loss_previous=values, increases=jnp.where(at_check, 0, increases),
-        loss_best_at_check=jnp.where(at_check, loss_best, s.loss_best_at_check),
-        halved_at_check=jnp.where(at_check, halve, s.halved_at_check))
 
+def _expand(v: jax.Array, ndim: int) -> jax.Array:
+  """A per-example vector shaped to broadcast against images."""
+  return v.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def _pick(mask: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+  """Per example, `a` where `mask` else `b`."""
+  return jnp.where(_expand(mask, a.ndim) if a.ndim > 1 else mask, a, b)
+
+
+def _apgd_init(loss_and_grad, images, key, *, eps, norm) -> _ApgdState:
+  """APGD's state at its random start."""
   x0 = _apgd_start(key, images, eps, norm)
   values, wrong, grad = loss_and_grad(x0)
   n = images.shape[0]
-  init = _ApgdState(x=x0, x_previous=x0, grad=grad, step_size=jnp.full((n,), 2.0 * eps),
+  return _ApgdState(x=x0, x_previous=x0, grad=grad, step_size=jnp.full((n,), 2.0 * eps),
                     x_best=x0, grad_best=grad, loss_best=values, x_adversarial=x0, fooled=wrong,
                     loss_previous=jnp.zeros_like(values), increases=jnp.zeros(n, jnp.int32),
                     loss_best_at_check=values, halved_at_check=jnp.ones(n, bool))
-  if unroll:
-    for i in range(num_steps):
-      init = step(i, init)
-    final = init
-  else:
-    final = jax.lax.fori_loop(0, num_steps, step, init)
-  return pick(final.fooled, final.x_adversarial, final.x_best), final.fooled
+
+
+def _apgd_step(loss_and_grad, images, i, s: _ApgdState, *, eps, num_steps, norm,
+               rho) -> _ApgdState:
+  """APGD's step `i` (may be traced): momentum step, projection, checkpoint halving."""
+  expand = lambda v: _expand(v, images.ndim)
+  momentum = jnp.where(i > 0, 0.75, 1.0)
+  z = project(s.x + expand(s.step_size) * ascent_direction(s.grad, norm), images, eps, norm)
+  x = project(s.x + momentum * (z - s.x) + (1 - momentum) * (s.x - s.x_previous), images,
+              eps, norm)
+  values, wrong, grad = loss_and_grad(x)
+  improved = values > s.loss_best
+  x_best, grad_best = _pick(improved, x, s.x_best), _pick(improved, grad, s.grad_best)
+  loss_best = jnp.where(improved, values, s.loss_best)
+  increases = s.increases + (values > s.loss_previous)
+  window = jnp.asarray(apgd_checkpoints(num_steps))[i]
+  # Halve where the loss rose in at most rho of the window's steps, or where the best loss did
+  # not improve and the step was not halved at the last checkpoint; restart from the best.
+  halve = (window > 0) & ((increases <= window * rho) |
+                          (~s.halved_at_check & (s.loss_best_at_check >= loss_best)))
+  at_check = window > 0
+  return _ApgdState(
+      x=_pick(halve, x_best, x), x_previous=s.x, grad=_pick(halve, grad_best, grad),
+      step_size=jnp.where(halve, s.step_size / 2, s.step_size), x_best=x_best,
+      grad_best=grad_best, loss_best=loss_best,
+      x_adversarial=_pick(wrong, x, s.x_adversarial), fooled=s.fooled | wrong,
+      loss_previous=values, increases=jnp.where(at_check, 0, increases),
+      loss_best_at_check=jnp.where(at_check, loss_best, s.loss_best_at_check),
+      halved_at_check=jnp.where(at_check, halve, s.halved_at_check))
+
+
+def apgd_stages(*, eps: float, num_steps: int, loss: str, norm: str, runs: int,
+                targets_of: Callable | None, rho: float) -> Stages:
+  """APGD's `runs` runs (restarts, or targets x restarts) as stages, under one vmap.
+
+  `targets_of(logits_fn, images)` gives each run's target classes, (runs, N), for the targeted
+  DLR loss; None runs the untargeted `loss`. Finishing keeps each example's worst case over the
+  runs and the clean image.
+  """
+  settings = dict(eps=eps, norm=norm)
+
+  def targets(logits_fn, images):
+    if targets_of is None:
+      return None
+    return targets_of(jax.lax.stop_gradient(logits_fn(images)))
+
+  def start(logits_fn, images, labels, key):
+    run_targets = targets(logits_fn, images)
+    init = lambda t, k: _apgd_init(_apgd_loss_and_grad(logits_fn, labels, t, loss), images, k,
+                                   **settings)
+    return run_targets, jax.vmap(init)(run_targets, jax.random.split(key, runs))
+
+  def step(logits_fn, images, labels, i, carry):
+    run_targets, states = carry
+    one = lambda t, s: _apgd_step(_apgd_loss_and_grad(logits_fn, labels, t, loss), images, i, s,
+                                  num_steps=num_steps, rho=rho, **settings)
+    return run_targets, jax.vmap(one)(run_targets, states)
+
+  def finish(logits_fn, images, labels, carry):
+    s = carry[1]
+    fooled = s.fooled.reshape(s.fooled.shape + (1,) * (s.x.ndim - s.fooled.ndim))
+    candidates = jnp.where(fooled, s.x_adversarial, s.x_best)
+    return jax.lax.stop_gradient(worst_case(logits_fn, _with_clean(images, candidates), labels))
+
+  return Stages(start, step, finish, num_steps)
 
 
 def _check_apgd(eps, norm: str, loss: str, num_classes: int, needed: int) -> None:
@@ -344,14 +416,9 @@ def apgd(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Arr
   num_classes = jax.eval_shape(logits_fn, images).shape[1]
   _check_apgd(eps, norm, loss, num_classes,
               4 if target_class is not None else 3 if loss == "dlr" else 2)
-  targets = None
-  if target_class is not None:
-    targets = _ranked_classes(jax.lax.stop_gradient(logits_fn(images)), target_class)
-  run = lambda k: _apgd_single(logits_fn, images, labels, k, targets, eps=eps,
-                               num_steps=num_steps, loss=loss, norm=norm, rho=rho,
-                               unroll=unroll)[0]
-  candidates = jax.vmap(run)(jax.random.split(key, restarts))
-  return jax.lax.stop_gradient(worst_case(logits_fn, _with_clean(images, candidates), labels))
+  return drive(apgd_stages_for("apgd-ce", eps=eps, num_steps=num_steps, loss=loss, norm=norm,
+                               restarts=restarts, target_class=target_class, rho=rho),
+               logits_fn, images, labels, key, unroll)
 
 
 def apgd_targeted(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array,
@@ -365,17 +432,44 @@ def apgd_targeted(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key
   """
   num_classes = jax.eval_shape(logits_fn, images).shape[1]
   _check_apgd(eps, norm, "dlr", num_classes, 4)
-  num_targets = min(num_targets, num_classes - 1)
-  clean_logits = jax.lax.stop_gradient(logits_fn(images))
-  ranks = _target_ranks(num_targets, restarts, target_rank)
+  return drive(apgd_stages_for("apgd-t", eps=eps, num_steps=num_steps, norm=norm,
+                               restarts=restarts, num_targets=min(num_targets, num_classes - 1),
+                               target_rank=target_rank, rho=rho),
+               logits_fn, images, labels, key, unroll)
 
-  def run(rank, k):
-    return _apgd_single(logits_fn, images, labels, k, _ranked_classes(clean_logits, rank),
-                        eps=eps, num_steps=num_steps, loss="dlr", norm=norm, rho=rho,
-                        unroll=unroll)[0]
 
-  candidates = jax.vmap(run)(ranks, jax.random.split(key, len(ranks)))
-  return jax.lax.stop_gradient(worst_case(logits_fn, _with_clean(images, candidates), labels))
+STEPPED = ("apgd-ce", "apgd-dlr", "apgd-t")  # Attacks that `stages` splits into programs.
+
+
+def stages(threat: "ThreatModel", num_classes: int, target_rank=None) -> Stages:
+  """The stages of an APGD threat (one of STEPPED), its settings checked as `run` checks them;
+  `target_rank` (may be traced) runs APGD-T against that one target rank."""
+  loss = "dlr" if threat.name == "apgd-t" else threat.name.split("-")[1]
+  _check_apgd(threat.eps, threat.norm, loss, num_classes,
+              4 if threat.name == "apgd-t" else 3 if loss == "dlr" else 2)
+  return apgd_stages_for("apgd-t" if threat.name == "apgd-t" else "apgd-ce", eps=threat.eps,
+                         num_steps=threat.num_steps, norm=threat.norm, loss=loss,
+                         restarts=threat.restarts,
+                         num_targets=min(threat.num_targets, num_classes - 1),
+                         target_rank=target_rank)
+
+
+def apgd_stages_for(name: str, *, eps: float, num_steps: int, norm: str, restarts: int = 1,
+                    loss: str = "dlr", target_class: int | None = None, num_targets: int = 9,
+                    target_rank=None, rho: float = 0.75) -> Stages:
+  """The stages of `apgd` ('apgd-ce' for any untargeted loss or one `target_class`) or of
+  `apgd_targeted` ('apgd-t': every target x restart, or the one `target_rank`)."""
+  if name == "apgd-t":
+    ranks = _target_ranks(num_targets, restarts, target_rank)
+    targets_of = lambda clean: jax.vmap(lambda r: _ranked_classes(clean, r))(ranks)
+    return apgd_stages(eps=eps, num_steps=num_steps, loss="dlr", norm=norm, runs=len(ranks),
+                       targets_of=targets_of, rho=rho)
+  targets_of = None
+  if target_class is not None:
+    targets_of = lambda clean: jnp.broadcast_to(_ranked_classes(clean, target_class),
+                                                (restarts, clean.shape[0]))
+  return apgd_stages(eps=eps, num_steps=num_steps, loss=loss, norm=norm, runs=restarts,
+                     targets_of=targets_of, rho=rho)
 
 
 # ---------------------------------------------------------------------------------------------

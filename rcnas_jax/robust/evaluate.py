@@ -105,6 +105,58 @@ def _violations(adversarial: jax.Array, images: jax.Array, norm: str) -> jax.Arr
                     jnp.any(jnp.isnan(adversarial)).astype(jnp.float32)])
 
 
+def _outcome(logits_fn, adversarial: jax.Array, images: jax.Array, labels: jax.Array,
+             attack: attacks.ThreatModel) -> tuple[jax.Array, jax.Array]:
+  """Per example, whether it is still classified right; and the batch's `_violations`."""
+  return (jnp.argmax(logits_fn(adversarial), axis=-1) == labels,
+          _violations(adversarial, images, attack.norm))
+
+
+def stepped_from_host(attack: attacks.ThreatModel) -> bool:
+  """Whether `attack` runs one program per step from a Python loop: APGD on CPU, where XLA
+  runs convolution gradients inside a loop on a slow path (4-5x slower here)."""
+  return attack.name in attacks.STEPPED and jax.default_backend() == "cpu"
+
+
+def _stages(model, variables, images, attack, target_rank):
+  """(logits_fn, images as floats, the attack's stages) of one host-stepped batch."""
+  logits_fn, x = models.logits_fn(model, variables), images.astype(jnp.float32) / 255.0
+  num_classes = jax.eval_shape(logits_fn, x).shape[1]
+  return logits_fn, x, attacks.stages(attack, num_classes, target_rank)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "attack"))
+def _stepped_start(variables, images, labels, key, target_rank, *, model, attack):
+  """The start program of a host-stepped attack."""
+  logits_fn, x, stages = _stages(model, variables, images, attack, target_rank)
+  return stages.start(logits_fn, x, labels, key)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "attack"))
+def _stepped_step(variables, images, labels, i, state, target_rank, *, model, attack):
+  """Step `i` (traced: one program for every step) of a host-stepped attack."""
+  logits_fn, x, stages = _stages(model, variables, images, attack, target_rank)
+  return stages.step(logits_fn, x, labels, i, state)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "attack"))
+def _stepped_finish(variables, images, labels, state, target_rank, *, model, attack):
+  """The finishing program of a host-stepped attack, with `_correct`'s outputs."""
+  logits_fn, x, stages = _stages(model, variables, images, attack, target_rank)
+  adversarial = stages.finish(logits_fn, x, labels, state)
+  return _outcome(logits_fn, adversarial, x, labels, attack)
+
+
+def _correct_stepped(variables, images, labels, key, target_rank, *, model: nn.Module,
+                     attack: attacks.ThreatModel) -> tuple[jax.Array, jax.Array]:
+  """`_correct` of an attack of attacks.STEPPED, one program per step: the same computation."""
+  kwargs = dict(model=model, attack=attack)
+  state = _stepped_start(variables, images, labels, key, target_rank, **kwargs)
+  for i in range(attack.num_steps):
+    state = _stepped_step(variables, images, labels, i, state, target_rank, **kwargs)
+  return _stepped_finish(variables, images, labels, state, target_rank, **kwargs)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "attack", "unroll"))
 def _correct(variables, images, labels, key, target_rank, *, model: nn.Module,
              attack: attacks.ThreatModel, unroll: bool) -> tuple[jax.Array, jax.Array]:
@@ -118,8 +170,7 @@ def _correct(variables, images, labels, key, target_rank, *, model: nn.Module,
   logits_fn = models.logits_fn(model, variables)
   x = images.astype(jnp.float32) / 255.0
   adversarial = attacks.run(attack, logits_fn, x, labels, key, unroll, target_rank)
-  return (jnp.argmax(logits_fn(adversarial), axis=-1) == labels,
-          _violations(adversarial, x, attack.norm))
+  return _outcome(logits_fn, adversarial, x, labels, attack)
 
 
 def check_batch(violations, attack: attacks.ThreatModel, batch: int) -> None:
@@ -218,8 +269,10 @@ def _batched_flags(model, variables, split, attack, key, mesh, target_rank, *, b
       started = time.perf_counter()
       images, labels = parallel.shard_batch(mesh, images, labels)
       rank = None if target_rank is None else jnp.int32(target_rank)
-      correct, violations = _correct(variables, images, labels, jax.random.fold_in(key, i),
-                                     rank, model=model, attack=attack, unroll=unroll)
+      run = _correct_stepped if stepped_from_host(attack) else functools.partial(
+          _correct, unroll=unroll)
+      correct, violations = run(variables, images, labels, jax.random.fold_in(key, i), rank,
+                                model=model, attack=attack)
       check_batch(violations, attack, i)
       progress.put(tag, i, parallel.gather(correct)[mask], time.perf_counter() - started)
       record = progress.get(tag, i)

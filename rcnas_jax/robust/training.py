@@ -1,9 +1,9 @@
 """Adversarial training: PGD-AT and TRADES, optional distillation, one jitted data-parallel step.
 
 The train state is a dict pytree {step, params, batch_stats, opt_state, ema_params,
-ema_batch_stats}, plus the constant `masks` of a student run on its masked family network. The step's randomness is `fold_in(key, step)` and the batch of step s is a
-pure function of (seed, s), so a run killed at any point resumes bit-identically from its last
-checkpoint. Every attack sees the model in eval mode (BN running statistics).
+ema_batch_stats}, plus the constant `masks` of a student run on its masked family network.
+The step's randomness is `fold_in(key, step)` and the batch of step s is a pure function of
+(seed, s), so a run killed at any point resumes bit-identically from its last checkpoint. Every attack sees the model in eval mode (BN running statistics).
 """
 
 from __future__ import annotations
@@ -147,12 +147,14 @@ def _kl(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
   return attacks.kl_divergence(logits, None, target_logits)
 
 
-def _loss(params, batch_stats, masks, clean, adversarial, labels, teacher_logits, *, model,
-          settings: TrainSettings):
-  """The training objective; BN statistics are updated by each train-mode pass in turn."""
+def _loss(params, batch_stats, clean, adversarial, labels, teacher_logits, *, model,
+          settings: TrainSettings, masks: dict | None = None):
+  """The training objective; BN statistics are updated by each train-mode pass in turn.
+
+  `masks` is {'masks': ...} for a student on its masked family network."""
 
   def forward(x, stats):
-    logits, updated = model.apply({"params": params, "batch_stats": stats, **masks}, x,
+    logits, updated = model.apply({"params": params, "batch_stats": stats, **(masks or {})}, x,
                                   train=True, mutable=["batch_stats"])
     return logits, updated["batch_stats"]
 
@@ -194,8 +196,8 @@ def train_step(state: State, images: jax.Array, labels: jax.Array, key: jax.Arra
     teacher_logits = teacher.apply(teacher_variables, clean, train=False)
   grad_fn = jax.grad(_loss, has_aux=True)
   grads, (batch_stats, step_metrics) = grad_fn(
-      state["params"], state["batch_stats"], _masks(state), clean, adversarial, labels, teacher_logits,
-      model=model, settings=settings)
+      state["params"], state["batch_stats"], clean, adversarial, labels, teacher_logits,
+      model=model, settings=settings, masks=_masks(state))
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   ema = lambda old, new: jax.tree.map(
