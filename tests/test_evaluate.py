@@ -175,13 +175,15 @@ def test_target_by_target_equals_all_targets_at_once(trained):
 
 @pytest.mark.parametrize("threat", [
     attacks.ThreatModel("apgd-ce", eps=0.1, num_steps=12, restarts=2),
-    attacks.ThreatModel("apgd-t", eps=0.1, num_steps=12, num_targets=3)], ids=["ce", "t"])
-def test_apgd_stepped_from_the_host_is_the_one_program_attack(trained, threat):
+    attacks.ThreatModel("apgd-t", eps=0.1, num_steps=12, num_targets=3),
+    attacks.ThreatModel("fab-t", eps=0.1, num_steps=12, num_targets=3)],
+    ids=["apgd-ce", "apgd-t", "fab-t"])
+def test_stepped_from_the_host_is_the_one_program_attack(trained, threat):
   """One program per step (the CPU default) computes what one rolled program computes."""
   model, variables, split = trained
   images, labels = split.images[:32], split.labels[:32]
   key = jax.random.key(3)
-  for rank in (None, jnp.int32(3)) if threat.name == "apgd-t" else (None,):
+  for rank in (None, jnp.int32(3)) if threat.name != "apgd-ce" else (None,):
     stepped = evaluate._correct_stepped(variables, images, labels, key, rank, model=model,
                                         attack=threat)
     rolled = evaluate._correct(variables, images, labels, key, rank, model=model,

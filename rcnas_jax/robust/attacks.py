@@ -438,12 +438,18 @@ def apgd_targeted(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key
                logits_fn, images, labels, key, unroll)
 
 
-STEPPED = ("apgd-ce", "apgd-dlr", "apgd-t")  # Attacks that `stages` splits into programs.
+STEPPED = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t")  # Attacks `stages` splits into programs.
 
 
 def stages(threat: "ThreatModel", num_classes: int, target_rank=None) -> Stages:
-  """The stages of an APGD threat (one of STEPPED), its settings checked as `run` checks them;
-  `target_rank` (may be traced) runs APGD-T against that one target rank."""
+  """The stages of a threat of STEPPED, its settings checked as `run` checks them;
+  `target_rank` (may be traced) runs APGD-T or FAB-T against that one target rank."""
+  if threat.name == "fab-t":
+    _check_fab(threat.eps, threat.norm, num_classes)
+    return fab_stages(eps=threat.eps, num_steps=threat.num_steps, norm=threat.norm,
+                      restarts=threat.restarts,
+                      num_targets=min(threat.num_targets, num_classes - 1),
+                      target_rank=target_rank)
   loss = "dlr" if threat.name == "apgd-t" else threat.name.split("-")[1]
   _check_apgd(threat.eps, threat.norm, loss, num_classes,
               4 if threat.name == "apgd-t" else 3 if loss == "dlr" else 2)
@@ -512,13 +518,18 @@ def boundary_step(points: jax.Array, w: jax.Array, c: jax.Array, norm: str) -> j
   return jnp.sign(w) * step
 
 
-def _fab_single(logits_fn: LogitsFn, images, labels, targets, start, *, num_steps, norm,
-                alpha_max, eta, beta) -> tuple[jax.Array, jax.Array]:
-  """One targeted FAB run: (the smallest adversarial point found, its norm; inf if none)."""
+def _fab_distance(d: jax.Array, norm: str) -> jax.Array:
+  """Per row of flat perturbations, its norm."""
+  return jnp.max(jnp.abs(d), axis=1) if norm == "linf" else jnp.sqrt(jnp.sum(d * d, axis=1))
+
+
+def _fab_step(logits_fn: LogitsFn, images, labels, targets, carry, *, norm, alpha_max, eta,
+              beta):
+  """One targeted FAB iteration on flat points: (x, best, best_norm) -> the next."""
   n = images.shape[0]
-  flat = lambda v: v.reshape(n, -1)
-  x0 = flat(images)
+  x0 = images.reshape(n, -1)
   expand = lambda v: v[:, None]
+  distance = lambda d: _fab_distance(d, norm)
 
   def difference(x):
     logits = logits_fn(x.reshape(images.shape))
@@ -526,32 +537,67 @@ def _fab_single(logits_fn: LogitsFn, images, labels, targets, start, *, num_step
     values = pick(targets) - pick(labels)  # < 0 while the true class beats the target.
     return jnp.sum(values), values
 
-  def distance(d):
-    return (jnp.max(jnp.abs(d), axis=1) if norm == "linf"
-            else jnp.sqrt(jnp.sum(d * d, axis=1)))
+  x, best, best_norm = carry
+  grad, values = jax.grad(difference, has_aux=True)(x)
+  # The linearised boundary {z: values + grad . (z - x) = 0}, reached from x and from x0.
+  d_from_x = boundary_step(x, grad, -values, norm)
+  d_from_x0 = boundary_step(x0, grad, jnp.sum(grad * (x - x0), axis=1) - values, norm)
+  a1 = jnp.maximum(distance(d_from_x), 1e-8)
+  a2 = jnp.maximum(distance(d_from_x0), 1e-8)
+  alpha = expand(jnp.clip(a1 / (a1 + a2), 0.0, alpha_max))
+  x = jnp.clip((x + eta * d_from_x) * (1 - alpha) + (x0 + eta * d_from_x0) * alpha, 0.0, 1.0)
+  fooled = jnp.argmax(logits_fn(x.reshape(images.shape)), axis=1) != labels
+  size = distance(x - x0)
+  better = fooled & (size < best_norm)
+  best = jnp.where(expand(better), x, best)
+  best_norm = jnp.where(better, size, best_norm)
+  # Back towards the image from a point that fools the model: look for a closer one.
+  x = jnp.where(expand(fooled), x0 + beta * (x - x0), x)
+  return x, best, best_norm
 
-  def step(_, carry):
-    x, best, best_norm = carry
-    grad, values = jax.grad(difference, has_aux=True)(x)
-    # The linearised boundary {z: values + grad . (z - x) = 0}, reached from x and from x0.
-    d_from_x = boundary_step(x, grad, -values, norm)
-    d_from_x0 = boundary_step(x0, grad, jnp.sum(grad * (x - x0), axis=1) - values, norm)
-    a1 = jnp.maximum(distance(d_from_x), 1e-8)
-    a2 = jnp.maximum(distance(d_from_x0), 1e-8)
-    alpha = expand(jnp.clip(a1 / (a1 + a2), 0.0, alpha_max))
-    x = jnp.clip((x + eta * d_from_x) * (1 - alpha) + (x0 + eta * d_from_x0) * alpha, 0.0, 1.0)
-    fooled = jnp.argmax(logits_fn(x.reshape(images.shape)), axis=1) != labels
-    size = distance(x - x0)
-    better = fooled & (size < best_norm)
-    best = jnp.where(expand(better), x, best)
-    best_norm = jnp.where(better, size, best_norm)
-    # Back towards the image from a point that fools the model: look for a closer one.
-    x = jnp.where(expand(fooled), x0 + beta * (x - x0), x)
-    return x, best, best_norm
 
-  init = (flat(start), x0, jnp.full((n,), jnp.inf))
-  _, best, best_norm = jax.lax.fori_loop(0, num_steps, step, init)
-  return best.reshape(images.shape), best_norm
+def fab_stages(*, eps: float, num_steps: int, norm: str, restarts: int, num_targets: int,
+               target_rank=None, alpha_max: float = 0.1, eta: float = 1.05,
+               beta: float = 0.9) -> Stages:
+  """FAB-T's runs (targets x restarts, or the one `target_rank`) as stages, under one vmap."""
+  ranks = _target_ranks(num_targets, restarts, target_rank)
+  settings = dict(norm=norm, alpha_max=alpha_max, eta=eta, beta=beta)
+
+  def start(logits_fn, images, labels, key):
+    clean_logits = jax.lax.stop_gradient(logits_fn(images))
+    targets = jax.vmap(lambda r: _ranked_classes(clean_logits, r))(ranks)
+    random = jnp.tile(jnp.arange(restarts) > 0, len(ranks) // restarts)
+
+    def first_point(k, is_random):
+      direction = (jax.random.uniform(k, images.shape, minval=-1.0, maxval=1.0)
+                   if norm == "linf" else jax.random.normal(k, images.shape))
+      direction = direction / (_norm_per_example(direction, norm) + 1e-12)
+      point = jnp.where(is_random, jnp.clip(images + 0.5 * eps * direction, 0.0, 1.0), images)
+      n = images.shape[0]
+      return point.reshape(n, -1), images.reshape(n, -1), jnp.full((n,), jnp.inf)
+
+    return targets, jax.vmap(first_point)(jax.random.split(key, len(ranks)), random)
+
+  def step(logits_fn, images, labels, i, carry):
+    targets, runs = carry
+    one = lambda t, c: _fab_step(logits_fn, images, labels, t, c, **settings)
+    return targets, jax.vmap(one)(targets, runs)
+
+  def finish(logits_fn, images, labels, carry):
+    _, best, size = carry[1]
+    best = best.reshape((-1,) + images.shape)
+    within = (size <= eps).reshape(size.shape + (1,) * (images.ndim - 1))
+    candidates = jnp.where(within, best, images[None])
+    return jax.lax.stop_gradient(worst_case(logits_fn, _with_clean(images, candidates), labels))
+
+  return Stages(start, step, finish, num_steps)
+
+
+def _check_fab(eps: float, norm: str, num_classes: int) -> None:
+  """One-line errors for settings FAB-T cannot run with."""
+  _check(eps, norm, "margin")
+  if num_classes < 2:
+    raise ValueError(f"{num_classes} classes: FAB-T needs at least 2")
 
 
 def fab_targeted(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.Array, *,
@@ -567,28 +613,11 @@ def fab_targeted(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key:
   returns, per example, the adversarial point within eps if one was found, else the image.
   """
   num_classes = jax.eval_shape(logits_fn, images).shape[1]
-  _check(eps, norm, "margin")
-  if num_classes < 2:
-    raise ValueError(f"{num_classes} classes: FAB-T needs at least 2")
-  num_targets = min(num_targets, num_classes - 1)
-  clean_logits = jax.lax.stop_gradient(logits_fn(images))
-  ranks = _target_ranks(num_targets, restarts, target_rank)
-  keys = jax.random.split(key, len(ranks))
-  random = jnp.tile(jnp.arange(restarts) > 0, len(ranks) // restarts)
-
-  def run(rank, k, is_random):
-    direction = (jax.random.uniform(k, images.shape, minval=-1.0, maxval=1.0) if norm == "linf"
-                 else jax.random.normal(k, images.shape))
-    direction = direction / (_norm_per_example(direction, norm) + 1e-12)
-    start = jnp.where(is_random, jnp.clip(images + 0.5 * eps * direction, 0.0, 1.0), images)
-    best, size = _fab_single(logits_fn, images, labels, _ranked_classes(clean_logits, rank),
-                             start, num_steps=num_steps, norm=norm, alpha_max=alpha_max,
-                             eta=eta, beta=beta)
-    within = (size <= eps).reshape((-1,) + (1,) * (images.ndim - 1))
-    return jnp.where(within, best, images)
-
-  candidates = jax.vmap(run)(ranks, keys, random)
-  return jax.lax.stop_gradient(worst_case(logits_fn, _with_clean(images, candidates), labels))
+  _check_fab(eps, norm, num_classes)
+  stages = fab_stages(eps=eps, num_steps=num_steps, norm=norm, restarts=restarts,
+                      num_targets=min(num_targets, num_classes - 1), target_rank=target_rank,
+                      alpha_max=alpha_max, eta=eta, beta=beta)
+  return drive(stages, logits_fn, images, labels, key)
 
 
 # ---------------------------------------------------------------------------------------------

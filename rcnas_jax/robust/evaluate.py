@@ -151,9 +151,13 @@ def _correct_stepped(variables, images, labels, key, target_rank, *, model: nn.M
                      attack: attacks.ThreatModel) -> tuple[jax.Array, jax.Array]:
   """`_correct` of an attack of attacks.STEPPED, one program per step: the same computation."""
   kwargs = dict(model=model, attack=attack)
-  state = _stepped_start(variables, images, labels, key, target_rank, **kwargs)
+  # Waiting for each program keeps two programs' collectives from interleaving: with many
+  # virtual CPU devices on few cores, queued steps deadlocked XLA:CPU's all-gather rendezvous.
+  state = jax.block_until_ready(
+      _stepped_start(variables, images, labels, key, target_rank, **kwargs))
   for i in range(attack.num_steps):
-    state = _stepped_step(variables, images, labels, i, state, target_rank, **kwargs)
+    state = jax.block_until_ready(
+        _stepped_step(variables, images, labels, i, state, target_rank, **kwargs))
   return _stepped_finish(variables, images, labels, state, target_rank, **kwargs)
 
 
