@@ -361,8 +361,9 @@ FIELDS: tuple[Field, ...] = (
     F("evaluation.max_examples", 0, Integer(),
       "Evaluate on a fixed stratified sample of N (0 = all)."),
     F("evaluation.loop", "auto", Choice(ATTACK_LOOPS),
-      "Like attack.loop, for PGD and CW; a rolled CW-40 compiles much faster. APGD and "
-      "Square loops are always rolled (100 unrolled steps compile for minutes)."),
+      "Like attack.loop, for PGD and CW; a rolled CW-40 compiles much faster. Square's loop "
+      "is always rolled; on CPU APGD and FAB-T run one program per step from Python, "
+      "elsewhere rolled (100 unrolled steps compile for minutes)."),
 )
 
 

@@ -167,8 +167,8 @@ def _correct(variables, images, labels, key, target_rank, *, model: nn.Module,
   """Per example, whether the model still classifies it correctly under `attack` (against the
   one target rank `target_rank` when given, a traced int); and the batch's `_violations`.
 
-  `unroll` applies to PGD and CW; APGD's loop stays rolled (unrolled, 100 steps compile for
-  minutes, and a rolled loop costs less than 2x at run time even on CPU).
+  `unroll` applies to PGD and CW; other loops stay rolled here (unrolled, 100 steps compile
+  for minutes). On CPU APGD and FAB-T run through `_correct_stepped` instead.
   """
   unroll = unroll and attack.name in ("pgd", "cw")
   logits_fn = models.logits_fn(model, variables)
