@@ -113,8 +113,8 @@ def _outcome(logits_fn, adversarial: jax.Array, images: jax.Array, labels: jax.A
 
 
 def stepped_from_host(attack: attacks.ThreatModel) -> bool:
-  """Whether `attack` runs one program per step from a Python loop: APGD on CPU, where XLA
-  runs convolution gradients inside a loop on a slow path (4-5x slower here)."""
+  """Whether `attack` runs one program per step from a Python loop: APGD and FAB-T on CPU,
+  where XLA runs convolution gradients inside a loop on a slow path (4-5x slower here)."""
   return attack.name in attacks.STEPPED and jax.default_backend() == "cpu"
 
 
