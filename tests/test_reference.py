@@ -57,6 +57,12 @@ def _within_one_point(ours: float, theirs: float) -> bool:
   return round(abs(ours - theirs), 6) <= 0.01
 
 
+# Square is a random search: on this network and these 200 digits its robust accuracy over four
+# keys was 25.0-29.0% (ours) and 26.0-28.5% over three seeds (torchattacks), so one run of each
+# can differ by two points or more without any difference between the implementations.
+SQUARE_SEED_SPREAD = 0.04
+
+
 @pytest.fixture(scope="module")
 def standard(network):
   """Robust accuracies (and seconds) of every attack and of AutoAttack, ours and torchattacks'."""
@@ -93,8 +99,12 @@ def test_standard_attacks_match_torchattacks_within_one_point(standard):
   clean = ours["clean"]["accuracy"]
   for name in torch_reference.STANDARD + ("autoattack",):
     assert 0.1 < theirs[name][0] < clean - 0.2, f"{name}: needs a non-trivial accuracy"
-    assert _within_one_point(ours[name]["accuracy"], theirs[name][0]), (name, ours[name],
-                                                                         theirs[name])
+    difference = abs(ours[name]["accuracy"] - theirs[name][0])
+    if name == "square":
+      assert difference <= SQUARE_SEED_SPREAD, (name, ours[name], theirs[name])
+    else:
+      assert _within_one_point(ours[name]["accuracy"], theirs[name][0]), (name, ours[name],
+                                                                           theirs[name])
   assert ours["autoattack"]["standard"] and ours["autoattack"]["attack"].startswith(
       "AutoAttack (standard version)")
   # torchattacks' AutoAttack (10 steps, rescaled Square) is no stronger than the standard one,
