@@ -123,9 +123,13 @@ def test_masked_gradients_equal_the_students_and_are_zero_on_the_padding(spec):
                                                                 rel=1e-5)
 
 
-@pytest.mark.parametrize("spec", list(_students()), ids=["relu", "softplus"])
-def test_masked_pgd_training_steps_equal_the_students(spec):
-  """Five PGD-AT steps with SGD momentum, weight decay and clipping: the same student."""
+def test_masked_pgd_training_steps_equal_the_students():
+  """Five PGD-AT steps with SGD momentum, weight decay and clipping: the same student.
+
+  The softplus student only: its padding is non-zero before the masks (softplus(0) != 0), so it
+  is the stricter case, and each student's two train steps take ~35 s to compile here.
+  """
+  spec = list(_students())[1]
   model, variables, family_model, embedded = _networks(spec)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.add_decayed_weights(5e-4),
                    optax.sgd(0.05, momentum=0.9))
