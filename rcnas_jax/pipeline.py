@@ -254,7 +254,7 @@ def train_student(env: env_lib.Environment, task: Task, spec: arch.NetworkSpec, 
   teacher_spec = arch.teacher(task.teacher)
   teacher_variables = env.teachers[(task.dataset, task.teacher)]
   model = models.build(spec, info.num_classes, info.mean, info.std, config.model.dtype)
-  initial = inherit.inherited(teacher_variables, jax.random.key(config.seed), model=model,
+  initial = inherit.inherited(teacher_variables, config.seed, model=model,
                               teacher_spec=teacher_spec, student_spec=spec,
                               image_shape=tuple(info.image_shape))
   teacher = None

@@ -1,4 +1,4 @@
-"""Weight inheritance: identity students, exact channel selection, jit, fresh init elsewhere."""
+"""Weight inheritance: identity students, exact channel selection, fresh init elsewhere."""
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +26,10 @@ def _randomised_teacher(spec, seed=0):
 def _student(teacher_spec, teacher_variables, actions, seed=3):
   student_spec = space.compress(teacher_spec, actions, image_size=IMAGE[0])
   model = models.build(student_spec, 5)
-  fresh = models.init(model, jax.random.key(seed), IMAGE)
-  inherit_fn = jax.jit(inherit.inherit, static_argnums=(2, 3))
-  return student_spec, model, fresh, inherit_fn(teacher_variables, fresh, teacher_spec,
-                                                student_spec)
+  fresh = models.host_init(model, IMAGE, seed)
+  inherited = inherit.inherited(teacher_variables, seed, model=model, teacher_spec=teacher_spec,
+                                student_spec=student_spec, image_shape=IMAGE)
+  return student_spec, model, fresh, inherited
 
 
 TEACHERS = [

@@ -115,6 +115,34 @@ def test_initialisation_follows_the_reference():
   assert float(jnp.max(jnp.abs(variables["params"]["head"]["kernel"]))) <= bound
 
 
+@pytest.mark.parametrize("spec, masked, dtype", [
+    (arch.wide_resnet(16, 8), False, "float32"),
+    (arch.NetworkSpec(stages=(arch.StageSpec(2, 64, 1, "robust"),
+                              arch.StageSpec(1, 128, 2, "robust"))), True, "bfloat16")])
+def test_host_initialisation_draws_what_init_draws(spec, masked, dtype):
+  model = models.build(spec, 10, dtype=dtype, masked=masked)
+  reference = models.init(model, jax.random.key(0), (32, 32, 3))
+  host = models.host_init(model, (32, 32, 3), seed=0)
+  assert jax.tree.structure(host) == jax.tree.structure(reference)
+  checked = 0
+  for (path, r), h in zip(jax.tree.leaves_with_path(reference), jax.tree.leaves(host)):
+    assert (h.shape, h.dtype) == (r.shape, r.dtype), path
+    r = np.asarray(r)
+    if np.all(r == r.flat[0]):  # BN at identity, zero biases, masks of ones: exactly.
+      np.testing.assert_array_equal(h, r)
+    else:  # Kernels: the same law (mean 0, the same spread and bound), other values.
+      assert np.max(np.abs(h)) <= np.max(np.abs(r)) * 1.6, path
+      if r.size >= 4096:
+        assert abs(h.std() / r.std() - 1) < 0.05, path
+        checked += 1
+  assert checked >= 5
+  again = models.host_init(model, (32, 32, 3), seed=0)
+  other = models.host_init(model, (32, 32, 3), seed=1)
+  kernel = lambda v: v["params"]["stem"]["kernel"]
+  np.testing.assert_array_equal(kernel(again), kernel(host))
+  assert not np.allclose(kernel(other), kernel(host))
+
+
 def test_train_mode_updates_statistics_and_eval_mode_does_not():
   model = models.build(arch.TEACHERS["tiny-8"], 10)
   variables = models.init(model, jax.random.key(0), (16, 16, 3))

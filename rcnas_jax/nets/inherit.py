@@ -5,46 +5,46 @@ the teacher's channels with the largest L1 norm; whatever has no counterpart in 
 (a changed block type, a new projection shortcut, channels beyond the teacher's) keeps its
 fresh initialisation. The channels of a stage's residual stream are chosen once per stage, so
 every block that reads or writes the stream agrees on them. A pure function of (teacher
-variables, fresh student variables); the specs are static, so it jits.
+variables, fresh student variables), computed with NumPy on the host: it is sorting and
+indexing, and a jitted version compiled anew for every student shape a search meets.
 """
 
 from __future__ import annotations
 
-import functools
+from typing import Sequence
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from rcnas_jax.nets import arch, models
 
 Variables = dict  # {'params': ..., 'batch_stats': ...}
 
 
-def top_channels(l1_norms: jax.Array, k: int) -> jax.Array:
-  """Indices of the min(k, C) largest norms, in increasing channel order."""
-  k = min(k, l1_norms.shape[0])
-  return jnp.sort(jax.lax.top_k(l1_norms, k)[1])
+def top_channels(l1_norms: np.ndarray, k: int) -> np.ndarray:
+  """Indices of the min(k, C) largest norms, in increasing channel order (ties: lower first)."""
+  return np.sort(np.argsort(-l1_norms, kind="stable")[:k])
 
 
-def _filter_l1(kernel: jax.Array) -> jax.Array:
+def _filter_l1(kernel: np.ndarray) -> np.ndarray:
   """L1 norm of each output filter of a conv/dense kernel (last axis)."""
-  return jnp.sum(jnp.abs(kernel.reshape(-1, kernel.shape[-1])), axis=0)
+  return np.abs(kernel.reshape(-1, kernel.shape[-1])).sum(0)
 
 
-def _leading(size: int, teacher_size: int) -> jax.Array:
-  return jnp.arange(min(size, teacher_size))
+def _leading(size: int, teacher_size: int) -> np.ndarray:
+  return np.arange(min(size, teacher_size))
 
 
-def paste(fresh: jax.Array, teacher: jax.Array, indices: tuple) -> jax.Array:
-  """`teacher` gathered at one index array per axis, written into the leading corner of `fresh`.
-
-  An index entry of None keeps the leading min(student, teacher) positions of that axis.
-  """
+def paste(fresh: np.ndarray, teacher: np.ndarray, indices: tuple) -> np.ndarray:
+  """`teacher` gathered at one index array per axis, written into the leading corner of a copy
+  of `fresh`. An index entry of None keeps the leading min(student, teacher) positions."""
   sub = teacher
   for axis, index in enumerate(indices):
     index = _leading(fresh.shape[axis], teacher.shape[axis]) if index is None else index
-    sub = jnp.take(sub, index, axis=axis)
-  return fresh.at[tuple(slice(0, n) for n in sub.shape)].set(sub.astype(fresh.dtype))
+    sub = np.take(sub, index, axis=axis)
+  out = np.array(fresh, copy=True)
+  out[tuple(slice(0, n) for n in sub.shape)] = sub
+  return out
 
 
 def _copy_layer(student: Variables, teacher: Variables, path: tuple[str, ...], indices) -> None:
@@ -71,7 +71,7 @@ def _channels(index):
   return lambda name, ndim: (index,)
 
 
-def _stream_norms(teacher_params: dict, stage: int, spec: arch.NetworkSpec) -> jax.Array:
+def _stream_norms(teacher_params: dict, stage: int, spec: arch.NetworkSpec) -> np.ndarray:
   """How strongly each channel of a teacher stage's residual stream is written to."""
   last = "conv3" if spec.stages[stage].block == "robust" else "conv2"
   total = 0.0
@@ -106,8 +106,8 @@ def _robust_block(student, teacher, path, in_index, out_index, channels: int) ->
   group, student_group = width // arch.ROBUST_CARDINALITY, student_width // arch.ROBUST_CARDINALITY
   norms = sum(_filter_l1(t[f"split_conv{s}"]["kernel"]) for s in range(arch.ROBUST_SCALES - 1))
   local = top_channels(norms.reshape(arch.ROBUST_CARDINALITY, group).sum(0), student_group)
-  split = jnp.concatenate([g * group + local for g in range(arch.ROBUST_CARDINALITY)])
-  hidden = jnp.concatenate([s * width + split for s in range(arch.ROBUST_SCALES)])
+  split = np.concatenate([g * group + local for g in range(arch.ROBUST_CARDINALITY)])
+  hidden = np.concatenate([s * width + split for s in range(arch.ROBUST_SCALES)])
   _copy_layer(student, teacher, (path, "norm1"), _channels(in_index))
   _copy_layer(student, teacher, (path, "shortcut"), _conv(in_index, out_index))
   _copy_layer(student, teacher, (path, "conv1"), _conv(in_index, hidden))
@@ -124,7 +124,8 @@ def _robust_block(student, teacher, path, in_index, out_index, channels: int) ->
 def inherit(teacher_variables: Variables, student_variables: Variables,
             teacher_spec: arch.NetworkSpec, student_spec: arch.NetworkSpec) -> Variables:
   """The student's fresh variables overwritten with the teacher's where they correspond."""
-  student = _unfreeze(student_variables)  # A copy whose dicts we fill in place.
+  teacher_variables = jax.tree.map(np.asarray, jax.device_get(teacher_variables))
+  student = _unfreeze(jax.tree.map(np.asarray, jax.device_get(student_variables)))
   teacher_params = teacher_variables["params"]
   stream = top_channels(_filter_l1(teacher_params["stem"]["kernel"]), student_spec.stem_channels)
   _copy_layer(student, teacher_variables, ("stem",), _conv(None, stream))
@@ -151,12 +152,10 @@ def _unfreeze(tree):
   return {k: _unfreeze(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
 
-@functools.partial(jax.jit, static_argnames=("model", "teacher_spec", "student_spec",
-                                             "image_shape"))
-def inherited(teacher_variables, key, *, model, teacher_spec, student_spec, image_shape):
-  """A student's initial variables: fresh, then the teacher's weights wherever shapes allow.
-
-  One program: run eagerly, the initialisation alone compiled ~100 tiny programs per student.
-  """
-  fresh = models.init(model, key, image_shape)
+def inherited(teacher_variables: Variables, seed: int, *, model: models.ResNet,
+              teacher_spec: arch.NetworkSpec, student_spec: arch.NetworkSpec,
+              image_shape: Sequence[int]) -> Variables:
+  """A student's initial host variables: fresh (`models.host_init`), then the teacher's
+  weights wherever shapes allow. Nothing compiles."""
+  fresh = models.host_init(model, image_shape, seed)
   return inherit(teacher_variables, fresh, teacher_spec, student_spec)

@@ -17,12 +17,10 @@ start of the family's group g.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from typing import Sequence
 
 import flax
-import jax
 import numpy as np
 
 from rcnas_jax.nets import arch, models, space
@@ -106,16 +104,10 @@ def masks(spec: arch.NetworkSpec, family_spec: arch.NetworkSpec) -> dict:
   return tree
 
 
-@functools.lru_cache(maxsize=None)
-def shapes(model: models.ResNet, image_shape: tuple[int, ...]) -> dict:
-  """The shapes and dtypes of `model`'s variables, without computing them."""
-  return jax.eval_shape(lambda: models.init(model, jax.random.key(0), image_shape))
-
-
 def embed(variables: Variables, spec: arch.NetworkSpec, family_model: models.ResNet,
           image_shape: tuple[int, ...]) -> Variables:
   """The student's variables placed in its family's arrays (zero elsewhere), with its masks."""
-  family_shapes = shapes(family_model, tuple(image_shape))
+  family_shapes = models.shapes(family_model, tuple(image_shape))
   out = {}
   for collection in ("params", "batch_stats"):
     flat = flax.traverse_util.flatten_dict(family_shapes[collection])
@@ -131,7 +123,7 @@ def embed(variables: Variables, spec: arch.NetworkSpec, family_model: models.Res
 def extract(family_variables: Variables, spec: arch.NetworkSpec, family_spec: arch.NetworkSpec,
             model: models.ResNet, image_shape: tuple[int, ...]) -> Variables:
   """The student's own variables (for `model`, its network) out of its family's arrays."""
-  student_shapes = shapes(model, tuple(image_shape))
+  student_shapes = models.shapes(model, tuple(image_shape))
   out = {}
   for collection in ("params", "batch_stats"):
     source = flax.traverse_util.flatten_dict(family_variables[collection])

@@ -18,9 +18,11 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rcnas_jax.nets import arch
 
@@ -218,6 +220,45 @@ def build(spec: arch.NetworkSpec, num_classes: int, mean: Sequence[float] = (0.0
 def init(model: ResNet, key: jax.Array, image_shape: Sequence[int]) -> dict:
   """Initial variables {'params', 'batch_stats'} for images of shape (H, W, C)."""
   return model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+
+
+@functools.lru_cache(maxsize=None)
+def shapes(model: ResNet, image_shape: tuple[int, ...]) -> dict:
+  """The shapes and dtypes of `model`'s variables, traced without computing or compiling."""
+  return jax.eval_shape(lambda: init(model, jax.random.key(0), image_shape))
+
+
+def _host_leaf(rng: np.random.Generator, path: tuple[str, ...],
+               leaf: jax.ShapeDtypeStruct) -> np.ndarray:
+  """One variable's fresh value, drawn on the host from the distribution `init` draws it from."""
+  collection, name, shape = path[0], path[-1], leaf.shape
+  if name == "kernel" and len(shape) in (2, 4):  # Fans as jax.nn.initializers computes them.
+    fan_in, fan_out = np.prod(shape[:-1]), np.prod(shape[:-2]) * shape[-1]
+    if len(shape) == 4:  # conv_init: N(0, 2 / fan_out).
+      value = rng.standard_normal(shape) * np.sqrt(2.0 / fan_out)
+    else:  # dense_init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+      value = rng.uniform(-1.0, 1.0, shape) / np.sqrt(fan_in)
+  elif (collection, name) in (("params", "bias"), ("batch_stats", "mean")):
+    value = np.zeros(shape)
+  elif (collection, name) in (("params", "scale"), ("batch_stats", "var")) or collection == "masks":
+    value = np.ones(shape)
+  else:
+    raise ValueError(f"host_init: no rule for variable {'/'.join(path)} of shape {shape}; "
+                     "add it beside conv_init and dense_init")
+  return value.astype(leaf.dtype)
+
+
+def host_init(model: ResNet, image_shape: Sequence[int], seed: int) -> dict:
+  """Fresh variables like `init`'s, drawn with NumPy: nothing compiles, whatever the shape.
+
+  Same distributions as `init` (conv_init, dense_init, BN at identity), other random values.
+  A search meets a new student shape with nearly every evaluation, and compiling `init`
+  for it (threefry bits for every layer) cost seconds on CPU (docs/PERFORMANCE.md).
+  """
+  rng = np.random.default_rng(seed)
+  flat = flax.traverse_util.flatten_dict(shapes(model, tuple(image_shape)))
+  return flax.traverse_util.unflatten_dict(
+      {path: _host_leaf(rng, path, leaf) for path, leaf in sorted(flat.items())})
 
 
 def logits_fn(model: ResNet, variables: dict) -> Callable[[jax.Array], jax.Array]:

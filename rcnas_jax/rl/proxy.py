@@ -2,12 +2,14 @@
 
 METHOD §5.3-5.4: weights inherited from the teacher, `config.search.proxy.epochs` of training
 on a fixed stratified subset, then robust accuracy on a fixed sample of the *validation* split
-under the task's attack, BN in eval mode. Three jitted programs do it (start, train step,
-validation attack) from a Python loop; `release_programs` frees them between updates.
+under the task's attack, BN in eval mode. The student's start (fresh weights, then the
+teacher's) is computed on the host with NumPy, so nothing compiles for it; three jitted
+programs (train state, train step, validation attack) run from a Python loop, and
+`release_programs` frees them between updates.
 
 With `search.proxy.programs` = 'family' a student trains and is attacked as
-its family's masked network (nets/masked.py), so the train step and the attack compile once per
-family (teacher, strides, blocks) and only the inheritance compiles per student. The student's
+its family's masked network (nets/masked.py), so every program compiles once per family
+(teacher, strides, blocks), not per student. The student's
 weights, losses and accuracy are the ones it has on its own network, up to float rounding.
 """
 
@@ -42,15 +44,6 @@ def proxy_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.attack.num_steps = proxy.attack_steps
   c.attack.step_size = attacks.madry_step_size(c.attack.eps, proxy.attack_steps)
   return c
-
-
-@functools.partial(jax.jit, static_argnames=("model", "tx", "teacher_spec", "student_spec",
-                                             "image_shape"))
-def _start(teacher_variables, key, *, model, tx, teacher_spec, student_spec, image_shape):
-  """The student's train state, its weights inherited from the teacher."""
-  variables = inherit.inherited(teacher_variables, key, model=model, teacher_spec=teacher_spec,
-                                student_spec=student_spec, image_shape=image_shape)
-  return training.create_state(model, tx, key, image_shape, variables)
 
 
 _create = jax.jit(training.create_state, static_argnames=("model", "tx", "image_shape"))
@@ -137,17 +130,14 @@ def train(config: ml_collections.ConfigDict, info: data.DatasetInfo, train_split
   teacher = None
   if t.distill_weight:
     teacher = models.build(teacher_spec, info.num_classes, info.mean, info.std, config.model.dtype)
-  teacher_variables = parallel.replicate(mesh, teacher_variables)
   init_key, train_key, _ = _keys(config, mesh)
-  if runner is model:
-    state = _start(teacher_variables, init_key, model=model, tx=tx, teacher_spec=teacher_spec,
-                   student_spec=spec, image_shape=info.image_shape)
-  else:
-    variables = inherit.inherited(teacher_variables, init_key, model=model,
-                                  teacher_spec=teacher_spec, student_spec=spec,
-                                  image_shape=info.image_shape)
-    variables = masked.embed(jax.device_get(variables), spec, runner, info.image_shape)
-    state = _create(runner, tx, init_key, info.image_shape, parallel.replicate(mesh, variables))
+  variables = inherit.inherited(teacher_variables, config.seed, model=model,
+                                teacher_spec=teacher_spec, student_spec=spec,
+                                image_shape=info.image_shape)
+  if runner is not model:
+    variables = masked.embed(variables, spec, runner, info.image_shape)
+  state = _create(runner, tx, init_key, info.image_shape, parallel.replicate(mesh, variables))
+  teacher_variables = parallel.replicate(mesh, teacher_variables)
   settings = training.settings_from_config(config)
   losses = []
   for step in range(steps):
@@ -222,10 +212,8 @@ def release_programs(config: ml_collections.ConfigDict) -> None:
   process dies. A family's programs are kept for its next students, up to _MAX_FAMILIES
   families.
   """
-  programs = [_start, inherit.inherited]
   with _families_lock:
     if not family_programs(config) or len(_families) > _MAX_FAMILIES:
-      programs += [_create, _step, _robust_correct]
+      for program in (_create, _step, _robust_correct):
+        program.clear_cache()
       _families.clear()
-  for program in programs:
-    program.clear_cache()
