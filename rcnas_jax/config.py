@@ -279,6 +279,11 @@ FIELDS: tuple[Field, ...] = (
       "compile per (teacher, strides, blocks); 'student' compiles each student's own shape; "
       "'auto' is 'student': on 2 CPU cores a family network runs about as long as a student's "
       "programs take to compile (benchmarks/results/proxy_programs.md)."),
+    F("search.proxy.cpu_optimization_level", 1, Number(0, 3, integer=True),
+      "XLA:CPU's backend optimisation level for the proxy's programs (XLA's default is 2): "
+      "1 compiles a new student about a quarter faster and runs as fast; 0 compiles faster "
+      "still but runs rolled attack loops ~26x slower (docs/PERFORMANCE.md). Other backends "
+      "ignore it."),
     F("search.policy.algorithm", "vpg", Choice(("vpg", "ppo")), "'vpg' (REINFORCE) or 'ppo'."),
     F("search.policy.baseline", "leave_one_out", Choice(("leave_one_out", "value")),
       "The advantage's baseline: the mean reward of the update's other M - 1 students, or the "

@@ -168,9 +168,22 @@ def test_target_by_target_equals_all_targets_at_once(trained):
   x = split.images.astype(np.float32) / 255
   adversarial = attacks.fab_targeted(logits_fn, x, split.labels, jax.random.key(0), eps=0.1,
                                      num_steps=10, num_targets=4)
-  expected = np.argmax(logits_fn(adversarial), 1) == split.labels
+  clean = np.argmax(logits_fn(x), 1) == split.labels
+  expected = clean & (np.argmax(logits_fn(adversarial), 1) == split.labels)
   np.testing.assert_array_equal(flags, expected)
-  assert 0 < expected.mean() < np.mean(np.argmax(logits_fn(x), 1) == split.labels)
+  assert 0 < expected.mean() < clean.mean()
+
+
+def test_a_point_misclassified_clean_is_never_robust():
+  # A linear model that is wrong at the clean point and right at the "adversarial" one: the
+  # clean point lies in the threat ball, so the point is not robust (AutoAttack's rule).
+  logits_fn = lambda x: jnp.stack([x[:, 0], 1.0 - x[:, 0]], axis=1)
+  clean = jnp.array([[0.2], [0.2], [0.7], [0.7]])
+  attacked = jnp.array([[0.6], [0.3], [0.8], [0.1]])
+  labels = jnp.array([0, 1, 0, 0])
+  # Clean: predicted 1, 1, 0, 0; attacked: 0, 1, 0, 1.
+  np.testing.assert_array_equal(evaluate.robust_flags(logits_fn, attacked, clean, labels),
+                                [False, True, True, False])
 
 
 @pytest.mark.parametrize("threat", [

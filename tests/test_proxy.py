@@ -1,5 +1,7 @@
 """The proxy evaluation: its config, its training and its validation attack, on real digits."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -56,6 +58,21 @@ def test_proxy_training_runs_its_steps_and_lowers_the_loss(trained):
   _, digits, _, _, _, losses = trained
   assert len(losses) == 3 * 256 // 32  # Three epochs of the 256-image subset, batches of 32.
   assert float(losses[-1]) < float(losses[0])
+
+
+def test_xla_cpu_optimisation_level_changes_only_rounding(trained):
+  c, digits, teacher_variables, mesh, variables, losses = trained
+  assert c.search.proxy.cpu_optimization_level == 1
+  c = copy.deepcopy(c)
+  c.search.proxy.cpu_optimization_level = 2  # XLA's default.
+  assert proxy._programs(c, mesh) is not proxy._programs(trained[0], mesh)
+  task = Task("digits", ThreatModel("clean", eps=0.1), "tiny-8", 10**6)
+  train_split, _, _ = proxy.splits(c, digits)
+  default_variables, default_losses = proxy.train(c, digits.info, train_split, teacher_variables,
+                                                  task, STUDENT, mesh)
+  np.testing.assert_allclose(np.array(default_losses), np.array(losses), rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(default_variables), jax.tree.leaves(variables)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
 
 
 def test_clean_validation_accuracy_is_the_plain_accuracy_of_the_trained_student(trained):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ from jax.sharding import Mesh
 from rcnas_jax import data
 from rcnas_jax.nets import arch, inherit, masked, models
 from rcnas_jax.rl.tasks import Task
-from rcnas_jax.robust import attacks, training
+from rcnas_jax.robust import attacks, evaluate, training
 from rcnas_jax.runtime import parallel, preemption
 
 
@@ -46,19 +47,44 @@ def proxy_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   return c
 
 
-_create = jax.jit(training.create_state, static_argnames=("model", "tx", "image_shape"))
-
-_step = jax.jit(training.train_step, static_argnames=("model", "tx", "settings", "teacher"),
-                donate_argnums=(0,))
-
-
-@functools.partial(jax.jit, static_argnames=("model", "threat", "unroll"))
 def _robust_correct(variables, images, labels, key, *, model, threat, unroll):
-  """Per uint8 image, whether it is still classified right under the task's attack (BN eval)."""
+  """Per uint8 image, whether it is classified right clean and under the task's attack (BN
+  eval)."""
   logits_fn = models.logits_fn(model, variables)
   images = images.astype(jnp.float32) / 255.0
   adversarial = attacks.run(threat, logits_fn, images, labels, key, unroll)
-  return jnp.argmax(logits_fn(adversarial), -1) == labels
+  return evaluate.robust_flags(logits_fn, adversarial, images, labels)
+
+
+class _Programs(NamedTuple):
+  """The proxy's jitted programs under one set of XLA compiler options."""
+  create: Callable
+  step: Callable
+  robust_correct: Callable
+
+
+_compiled: dict[tuple, _Programs] = {}
+_compiled_lock = threading.Lock()
+
+
+def _programs(config: ml_collections.ConfigDict, mesh: Mesh) -> _Programs:
+  """The proxy's programs for `mesh`: on CPU at config.search.proxy.cpu_optimization_level.
+
+  XLA:CPU at level 1 compiles a new student's programs about a quarter faster than at its
+  default 2 and runs them as fast (docs/PERFORMANCE.md); other backends keep their defaults.
+  """
+  options = ()
+  if mesh.devices.flat[0].platform == "cpu":
+    options = (("xla_backend_optimization_level", config.search.proxy.cpu_optimization_level),)
+  with _compiled_lock:
+    if options not in _compiled:
+      jit = functools.partial(jax.jit, compiler_options=dict(options) or None)
+      _compiled[options] = _Programs(
+          create=jit(training.create_state, static_argnames=("model", "tx", "image_shape")),
+          step=jit(training.train_step, static_argnames=("model", "tx", "settings", "teacher"),
+                   donate_argnums=(0,)),
+          robust_correct=jit(_robust_correct, static_argnames=("model", "threat", "unroll")))
+    return _compiled[options]
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,7 +162,9 @@ def train(config: ml_collections.ConfigDict, info: data.DatasetInfo, train_split
                                 image_shape=info.image_shape)
   if runner is not model:
     variables = masked.embed(variables, spec, runner, info.image_shape)
-  state = _create(runner, tx, init_key, info.image_shape, parallel.replicate(mesh, variables))
+  programs = _programs(config, mesh)
+  state = programs.create(runner, tx, init_key, info.image_shape,
+                          parallel.replicate(mesh, variables))
   teacher_variables = parallel.replicate(mesh, teacher_variables)
   settings = training.settings_from_config(config)
   losses = []
@@ -144,8 +172,8 @@ def train(config: ml_collections.ConfigDict, info: data.DatasetInfo, train_split
     preemption.check("the search (unfinished proxy evaluations are redone)")
     images, labels = parallel.shard_batch(
         mesh, *data.batch_at(train_split, t.batch_size, seed=config.seed, step=step))
-    state, step_metrics = _step(state, images, labels, train_key, teacher_variables,
-                                model=runner, tx=tx, settings=settings, teacher=teacher)
+    state, step_metrics = programs.step(state, images, labels, train_key, teacher_variables,
+                                        model=runner, tx=tx, settings=settings, teacher=teacher)
     losses.append(step_metrics["loss"])
   variables = training.eval_variables(state, False)
   if runner is not model:
@@ -172,7 +200,7 @@ def robust_accuracy(config: ml_collections.ConfigDict, info: data.DatasetInfo,
     idx = np.arange(start, start + chunk) % len(validation)
     images, labels = parallel.shard_or_replicate(mesh, validation.images[idx],
                                                  validation.labels[idx])
-    correct.append(np.asarray(_robust_correct(
+    correct.append(np.asarray(_programs(config, mesh).robust_correct(
         variables, images, labels, _keys(config, mesh)[2], model=float32, threat=task.attack,
         unroll=training.unroll_attack_loops(config.evaluation.loop)))[:len(validation) - start])
   return float(np.concatenate(correct).mean())
@@ -214,6 +242,7 @@ def release_programs(config: ml_collections.ConfigDict) -> None:
   """
   with _families_lock:
     if not family_programs(config) or len(_families) > _MAX_FAMILIES:
-      for program in (_create, _step, _robust_correct):
-        program.clear_cache()
+      for programs in _compiled.values():
+        for program in programs:
+          program.clear_cache()
       _families.clear()

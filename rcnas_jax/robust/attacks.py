@@ -823,9 +823,9 @@ def square(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, key: jax.A
 
 # Bumped when an attack's code changes what it computes, so stale evaluation progress (keyed by
 # the version) is never reused after a fix. Square 2: the standard, unrescaled schedule at 5,000
-# queries, and L2.
-VERSIONS = {"clean": 1, "fgsm": 1, "pgd": 1, "cw": 1, "apgd-ce": 1, "apgd-dlr": 1, "apgd-t": 1,
-            "fab-t": 1, "square": 2}
+# queries, and L2. Every attack +1: a point counts as robust only where it is also right clean.
+VERSIONS = {"clean": 1, "fgsm": 2, "pgd": 2, "cw": 2, "apgd-ce": 2, "apgd-dlr": 2, "apgd-t": 2,
+            "fab-t": 2, "square": 3}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,9 +107,18 @@ def _violations(adversarial: jax.Array, images: jax.Array, norm: str) -> jax.Arr
 
 def _outcome(logits_fn, adversarial: jax.Array, images: jax.Array, labels: jax.Array,
              attack: attacks.ThreatModel) -> tuple[jax.Array, jax.Array]:
-  """Per example, whether it is still classified right; and the batch's `_violations`."""
-  return (jnp.argmax(logits_fn(adversarial), axis=-1) == labels,
+  """Per example, whether it is classified right both clean and attacked (the clean point lies
+  in the threat ball, so an attack never counts a misclassified point as robust, as
+  AutoAttack does); and the batch's `_violations`."""
+  return (robust_flags(logits_fn, adversarial, images, labels),
           _violations(adversarial, images, attack.norm))
+
+
+def robust_flags(logits_fn, adversarial: jax.Array, images: jax.Array,
+                 labels: jax.Array) -> jax.Array:
+  """Per example, whether `logits_fn` classifies it right at the clean and adversarial point."""
+  correct = lambda x: jnp.argmax(logits_fn(x), axis=-1) == labels
+  return correct(images) & correct(adversarial)
 
 
 def stepped_from_host(attack: attacks.ThreatModel) -> bool:

@@ -40,7 +40,8 @@ def attack(name: str, model, eps: float, norm: str = "linf", num_classes: int = 
 
 def correct(model, attack_fn, images: np.ndarray, labels: np.ndarray, eps: float,
             norm: str = "linf") -> tuple[np.ndarray, float]:
-  """Per NHWC image in [0, 1], whether `model` is still right under `attack_fn`; its seconds.
+  """Per NHWC image in [0, 1], whether `model` is right on it clean and under `attack_fn` (as
+  evaluate counts it); the attack's seconds.
 
   Checks, as AutoAttack does, that every perturbation is within eps.
   """
@@ -56,7 +57,7 @@ def correct(model, attack_fn, images: np.ndarray, labels: np.ndarray, eps: float
   if float(size.max()) > eps * (1 + evaluate.TOLERANCE) + evaluate.TOLERANCE:
     raise AssertionError(f"torchattacks left the eps-ball: {float(size.max()):.6g} > {eps:.6g}")
   with torch.no_grad():
-    return (model(adversarial).argmax(1) == y).numpy(), seconds
+    return ((model(x).argmax(1) == y) & (model(adversarial).argmax(1) == y)).numpy(), seconds
 
 
 def autoattack(model, images: np.ndarray, labels: np.ndarray, eps: float, norm: str = "linf",

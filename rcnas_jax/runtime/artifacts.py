@@ -20,15 +20,18 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 # The format version of each artifact: bump it when the code changes what the artifact holds.
-VERSIONS = {"teacher": 1, "probe": 1, "evaluation": 2, "phase": 1, "training": 1,
-            "test-evaluation": 1, "export": 1}
+# (evaluation 3, phase 2, training 2: a student's fresh weights are drawn on the host, and a
+# point counts as robust only where it is also right clean; test-evaluation 2: that rule.)
+VERSIONS = {"teacher": 1, "probe": 1, "evaluation": 3, "phase": 2, "training": 2,
+            "test-evaluation": 2, "export": 1}
 
 # Fields that change how a run computes, not what: they never enter a key, and
 # `--config.resume=strict` ignores them. Rolled and unrolled loops run the same attack; a
-# student on its masked family network computes what it computes on its own.
+# student on its masked family network computes what it computes on its own, and XLA's
+# optimisation level changes only float rounding.
 EXECUTION_ONLY = ("resume", "compilation_cache_dir", "dataset.data_dir", "dataset.download",
                   "distributed", "parallel", "attack.loop", "evaluation.loop",
-                  "search.proxy.programs",
+                  "search.proxy.programs", "search.proxy.cpu_optimization_level",
                   "training.log_every_steps", "training.checkpoint_every_steps")
 
 # Fields that reach keys through a value derived from them rather than by name: which job and
