@@ -425,7 +425,7 @@ def test_threat_model_defaults_to_madrys_step_and_keeps_a_given_one():
       "Square (5000 queries, standard p schedule, margin, p_init=0.8, L2 eps=0.5, 1 restart)")
   assert "p schedule rescaled to the budget" in attacks.ThreatModel(
       "square", eps=0.5, num_steps=300).describe()
-  assert attacks.ThreatModel("square").version == 2
+  assert attacks.ThreatModel("square").version == 3
   with pytest.raises(TypeError):
     attacks.ThreatModel("pgd", 0.1, 5)  # Positional settings are ambiguous: keywords only.
 
