@@ -195,12 +195,12 @@ def robust_accuracy(config: ml_collections.ConfigDict, info: data.DatasetInfo,
   if float32 is not model:
     variables = masked.embed(jax.device_get(variables), spec, float32, info.image_shape)
   variables = parallel.replicate(mesh, variables)
-  correct = []
+  robust_correct, correct = _programs(config, mesh).robust_correct, []
   for start in range(0, len(validation), chunk):
     idx = np.arange(start, start + chunk) % len(validation)
     images, labels = parallel.shard_or_replicate(mesh, validation.images[idx],
                                                  validation.labels[idx])
-    correct.append(np.asarray(_programs(config, mesh).robust_correct(
+    correct.append(np.asarray(robust_correct(
         variables, images, labels, _keys(config, mesh)[2], model=float32, threat=task.attack,
         unroll=training.unroll_attack_loops(config.evaluation.loop)))[:len(validation) - start])
   return float(np.concatenate(correct).mean())
@@ -242,7 +242,8 @@ def release_programs(config: ml_collections.ConfigDict) -> None:
   """
   with _families_lock:
     if not family_programs(config) or len(_families) > _MAX_FAMILIES:
-      for programs in _compiled.values():
-        for program in programs:
-          program.clear_cache()
+      with _compiled_lock:
+        for programs in _compiled.values():
+          for program in programs:
+            program.clear_cache()
       _families.clear()
