@@ -2,6 +2,7 @@
 
   python benchmarks/search_power.py                  # 10 seeds of every strategy, ~6 min
   python benchmarks/search_power.py --sweep          # the policy-settings sweep of DESIGN.md
+  python benchmarks/search_power.py --prior_bound --seeds=40   # how good a prior must be, ~3 min
 
 Every strategy runs the real search code (`search.run_phase`, the shipped samplers and learner
 at `config.base_config()`'s settings) on the held-out synthetic target, with the same number of
@@ -16,6 +17,11 @@ counted in their own column). Per strategy it reports:
 and the goals: R-NAS in at most half of random search's episodes, RC-NAS in at most a third of
 R-NAS's. Writes search_power.md, search_power.json and search_power.png (regret curves with
 bootstrap 95% bands) to --out.
+
+--prior_bound samples the target with no learning from fixed priors centred on its optimum
+(`synthetic.PriorSampler`: ratio spread sigma in logit space, each stride and block-type choice
+right with probability p), and writes search_power_prior.md: the episodes a meta-trained
+policy's starting point of that quality would need.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ flags.DEFINE_integer("updates", 100, "Updates on the target per strategy (M stud
 flags.DEFINE_integer("meta_updates", 1000, "RC-NAS's meta-training updates.")
 flags.DEFINE_list("strategies", list(synthetic.STRATEGIES), "Strategies to run.")
 flags.DEFINE_bool("sweep", False, "Sweep R-NAS's policy settings (and evolution's) instead.")
+flags.DEFINE_bool("prior_bound", False, "Score fixed priors around the optimum instead.")
 flags.DEFINE_string("out", "benchmarks/results", "Where the table, JSON and plot go.")
 FLAGS = flags.FLAGS
 
@@ -50,17 +57,19 @@ BOOTSTRAP = 2000
 
 def run_strategy(config, strategy: str, seeds: int, updates: int, meta_updates: int) -> dict:
   """Per seed: episodes to 95% of the optimum (None: never) and the regret curve."""
-  to95, regrets, meta = [], [], []
+  to95, regrets, meta, starts = [], [], [], []
   for seed in range(seeds):
     c = synthetic.configure(config)
     c.seed = seed
     target = synthetic.target_task(c)
-    phases = synthetic.run(c, strategy, updates, meta_updates)
+    phases, start = synthetic.run(c, strategy, updates, meta_updates)
+    starts.append(start)
     to95.append(synthetic.episodes_to(target, phases["target"], c.search.beta))
     regrets.append(synthetic.incumbent_regret(target, phases["target"], c.search.beta).tolist())
     meta.append(len(phases.get("meta", [])))
   return {"episodes_to_95": to95, "regret": regrets, "meta_evaluations": meta[0],
-          "horizon": updates * config.search.students_per_update}
+          "horizon": updates * config.search.students_per_update,
+          "start": None if starts[0] is None else starts}
 
 
 def bootstrap(values: np.ndarray, statistic, rng: np.random.Generator) -> tuple[float, float]:
@@ -76,7 +85,8 @@ def summarise(result: dict, rng: np.random.Generator) -> dict:
   return {"median_to_95": float(np.median(to95)), "to_95_ci": bootstrap(to95, np.median, rng),
           "reached": int(np.isfinite(to95).sum()), "seeds": len(to95),
           "final_regret": float(final.mean()), "final_regret_ci": bootstrap(final, np.mean, rng),
-          "meta_evaluations": result["meta_evaluations"], "horizon": result["horizon"]}
+          "meta_evaluations": result["meta_evaluations"], "horizon": result["horizon"],
+          "start": result.get("start")}
 
 
 def _episodes(value: float, horizon: int) -> str:
@@ -96,8 +106,32 @@ def table(summaries: dict[str, dict], optimum: float) -> str:
         f"[{_episodes(low, s['horizon'])}, {_episodes(high, s['horizon'])}] | "
         f"{s['reached']}/{s['seeds']} | {s['final_regret']:.3f} [{s['final_regret_ci'][0]:.3f}, "
         f"{s['final_regret_ci'][1]:.3f}] | {s['meta_evaluations']} |")
-  lines += [""] + goals(summaries)
+  lines += [""] + goals(summaries) + starts(summaries)
   return "\n".join(lines)
+
+
+def _spread(values: np.ndarray) -> str:
+  """Per stage, the mean over seeds and its range."""
+  return ", ".join(f"{m:.2f} ({lo:.2f}-{hi:.2f})"
+                   for m, lo, hi in zip(values.mean(0), values.min(0), values.max(0)))
+
+
+def starts(summaries: dict[str, dict]) -> list[str]:
+  """Where each policy strategy starts on the target, in the prior bound's terms
+  (`--prior_bound`): per stage, mean (range) over seeds."""
+  rows = [(strategy, {k: np.array([seed[k] for seed in s["start"]]) for k in s["start"][0]})
+          for strategy, s in summaries.items() if s.get("start")]
+  if not rows:
+    return []
+  lines = ["", "The policy at the start of the target phase, per stage, mean (range) over seeds "
+           "(compare `--prior_bound`):", "",
+           "| strategy | P(optimum's stride) | P(optimum's block type) | ratio mean's offset "
+           "(logit), depth / width | ratio std, depth / width |", "|---|---|---|---|---|"]
+  for strategy, q in rows:
+    lines.append(f"| {LABELS[strategy]} | {_spread(q['p_stride'])} | {_spread(q['p_block'])} | "
+                 f"{q['depth_offset'].mean():.2f} / {q['width_offset'].mean():.2f} | "
+                 f"{q['depth_std'].mean():.2f} / {q['width_std'].mean():.2f} |")
+  return lines
 
 
 def goals(summaries: dict[str, dict]) -> list[str]:
@@ -178,14 +212,47 @@ def sweep(seeds: int, evaluations: int, rng: np.random.Generator) -> str:
   return "\n".join(lines)
 
 
+# The prior bound's grid: the ratio heads' spread (logit space) and the binary heads' accuracy.
+PRIOR_SIGMAS = (1.0, 0.5, 0.25)
+PRIOR_PS = (0.5, 0.8, 0.95)
+
+
+def prior_bound(seeds: int, updates: int, rng: np.random.Generator) -> str:
+  """Episodes to 95% of the optimum under each fixed prior of the grid, `seeds` draws each."""
+  config = synthetic.configure(config_lib.base_config())
+  horizon = updates * config.search.students_per_update
+  target = synthetic.target_task(config)
+  lines = [f"Fixed priors centred on the held-out target's optimum, no learning, {seeds} draws "
+           f"each, {horizon} episodes.", "", "| ratio spread sigma | binary choices right "
+           "with p | episodes to 95%, median [95% CI] | draws reaching it |", "|---:|---:|---|---:|"]
+  for sigma, p in itertools.product(PRIOR_SIGMAS, PRIOR_PS):
+    to95, regrets = [], []
+    for seed in range(seeds):
+      config.seed = seed
+      episodes = synthetic.run_prior(config, sigma, p, updates)
+      to95.append(synthetic.episodes_to(target, episodes, config.search.beta))
+      regrets.append(synthetic.incumbent_regret(target, episodes, config.search.beta))
+    s = summarise({"episodes_to_95": to95, "regret": regrets, "meta_evaluations": 0,
+                   "horizon": horizon}, rng)
+    low, high = s["to_95_ci"]
+    lines.append(f"| {sigma} | {p} | {_episodes(s['median_to_95'], horizon)} "
+                 f"[{_episodes(low, horizon)}, {_episodes(high, horizon)}] | "
+                 f"{s['reached']}/{seeds} |")
+    print(lines[-1], flush=True)
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   rng = np.random.default_rng(0)
   os.makedirs(FLAGS.out, exist_ok=True)
   config = config_lib.base_config()
-  if FLAGS.sweep:
-    text = sweep(FLAGS.seeds, FLAGS.updates * config.search.students_per_update, rng)
-    with open(os.path.join(FLAGS.out, "search_power_sweep.md"), "w") as f:
+  if FLAGS.sweep or FLAGS.prior_bound:
+    name, text = (("search_power_sweep.md",
+                   sweep(FLAGS.seeds, FLAGS.updates * config.search.students_per_update, rng))
+                  if FLAGS.sweep else
+                  ("search_power_prior.md", prior_bound(FLAGS.seeds, FLAGS.updates, rng)))
+    with open(os.path.join(FLAGS.out, name), "w") as f:
       f.write(text + "\n")
     return
   results, summaries = {}, {}

@@ -81,10 +81,32 @@ def test_the_learner_learns_at_the_shipped_defaults():
     fractions = []
     for seed in (0, 1):
       c.seed = seed
-      episodes = synthetic.run(c, strategy, 90)["target"]
+      episodes = synthetic.run(c, strategy, 90)[0]["target"]
       fractions.append(synthetic.true_rewards(task, episodes, c.search.beta) / optimum)
     quality[strategy] = np.mean(fractions, axis=0)
   m = c.search.students_per_update
   first, last = quality["rnas"][:10 * m].mean(), quality["rnas"][-10 * m:].mean()
   assert last > first + 0.1 and last > 0.65  # Measured: 0.53 -> 0.70 of the optimum.
   assert last > quality["random"][-10 * m:].mean() + 0.2  # Random stays at ~0.38.
+
+
+def test_a_prior_centred_on_the_optimum_samples_it_and_errs_at_its_rate():
+  """`PriorSampler` at p = 1 and a tiny spread gives the optimum every time; at p = 0.8 each
+  stride and block-type choice is the optimum's about 80% of the time; at p = 0 never (where
+  the downsample mask lets the wrong choice be built)."""
+  c = synthetic.configure(config_lib.base_config())
+  task = synthetic.target_task(c)
+  optimum, spec = synthetic.optimum(task, c.search.beta)
+  center = synthetic.optimum_actions(task, c.search.beta)
+  assert space.compress(arch.teacher(task.teacher), space.stage_actions(*center), image_size=8,
+                        width_multiple=c.search.width_multiple) == arch.spec_from_dict(spec)
+  exact = synthetic.run_prior(c, sigma=0.01, p=1.0, num_updates=4)
+  assert np.allclose(synthetic.true_rewards(task, exact, c.search.beta), optimum)
+  assert synthetic.episodes_to(task, exact, c.search.beta) == 1
+  right = lambda episodes: np.array([[[s[2], s[3]] == [int(center[2][i]), int(center[3][i])]
+                                      for i, s in enumerate(e.actions)] for e in episodes])
+  mixed = right(synthetic.run_prior(c, sigma=0.5, p=0.8, num_updates=100))  # (500, 3) pairs.
+  # Both choices right with probability 0.8^2 = 0.64; 1,500 stage draws give a std of 0.012.
+  assert abs(mixed.mean() - 0.64) < 0.05
+  wrong = synthetic.run_prior(c, sigma=0.5, p=0.0, num_updates=4)
+  assert not right(wrong).any()  # Strides 2-1-1 and basic blocks: buildable on 8x8.

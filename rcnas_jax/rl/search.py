@@ -35,7 +35,8 @@ from rcnas_jax.runtime import checkpoint, metrics, parallel, preemption, store
 
 # Each phase draws its update keys from its own stream of the seed. Fixed: renumbering a
 # stream changes every student that phase samples.
-STREAMS = {"meta": 0, "finetune": 1, "rnas": 2, "random": 3, "evolution": 4}
+STREAMS = {"meta": 0, "finetune": 1, "rnas": 2, "random": 3, "evolution": 4,
+           "prior": 5}  # "prior": the synthetic suite's fixed prior (`synthetic.PriorSampler`).
 
 
 def update_key(seed: int, phase: str, iteration: int) -> jax.Array:

@@ -31,12 +31,14 @@ import functools
 import math
 import zlib
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from rcnas_jax import data
 from rcnas_jax.nets import arch, space
-from rcnas_jax.rl import env as env_lib, search, tasks
+from rcnas_jax.rl import env as env_lib, policy, search, tasks
 from rcnas_jax.rl.env import Episode
 from rcnas_jax.rl.policy import Observation
 from rcnas_jax.rl.tasks import Task
@@ -249,6 +251,65 @@ def optimum(task: Task, beta: float, width_multiple: int = 8, starts: int = 24,
   return best
 
 
+def optimum_actions(task: Task, beta: float) -> tuple[np.ndarray, ...]:
+  """The optimum as per-stage actions (depth ratio, width ratio, downsample, robust), which
+  `space.compress` turns back into the optimum's spec."""
+  teacher = arch.teacher(task.teacher)
+  spec = arch.spec_from_dict(optimum(task, beta)[1])
+  pairs = list(zip(spec.stages, teacher.stages))
+  return (np.array([s.depth / t.depth for s, t in pairs]),
+          np.array([s.channels / t.channels for s, t in pairs]),
+          np.array([int(s.stride == 2) for s, _ in pairs]),
+          np.array([int(s.block == "robust") for s, _ in pairs]))
+
+
+def _logit(ratio: np.ndarray) -> np.ndarray:
+  """The unconstrained logit of a ratio in (0, 1], kept finite (a whole stage is ratio 1)."""
+  r = np.clip(ratio, 1e-3, 1 - 1e-3)
+  return np.log(r) - np.log1p(-r)
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorSampler:
+  """A fixed prior centred on the optimum, with no learning: how good a meta-trained policy's
+  starting point must be for a search to reach the optimum in a given number of episodes.
+
+  Ratios are drawn around the optimum's with spread `sigma` in logit space (the policy's
+  Gaussian heads); each stride and block-type choice is the optimum's with probability `p`
+  (its Bernoulli heads), downsampling masked as the policy's.
+  """
+
+  center: tuple[np.ndarray, ...]  # `optimum_actions`.
+  sigma: float
+  p: float
+
+  def sample(self, state, observation, key, num_students, history):
+    del state, history
+    rng = np.random.default_rng(jax.random.key_data(key).tolist())
+    depth, width, downsample, robust = self.center
+    shape = (num_students, len(depth))
+    ratio = lambda r: _logit(r) + self.sigma * rng.normal(size=shape)
+    choice = lambda right: np.where(rng.random(shape) < self.p, right, 1 - right)
+    masked = jax.vmap(policy.mask_downsample, in_axes=(0, None))(
+        jnp.asarray(choice(downsample)), observation.max_downsamples)
+    return policy.Action(jnp.asarray(ratio(depth), jnp.float32),
+                         jnp.asarray(ratio(width), jnp.float32), masked,
+                         jnp.asarray(choice(robust), jnp.int32))
+
+  def learn(self, state, observation, actions, rewards):
+    return state, {}
+
+
+def run_prior(config: ml_collections.ConfigDict, sigma: float, p: float,
+              num_updates: int) -> list[Episode]:
+  """The held-out target's episodes under `PriorSampler` (`config.seed` draws them)."""
+  env, target = Environment(config), target_task(config)
+  sampler = PriorSampler(optimum_actions(target, config.search.beta), sigma, p)
+  _, episodes = search.run_phase("prior", env, lambda i: target, num_updates,
+                                 {"iteration": 0}, None, sampler)
+  return episodes
+
+
 # ---------------------------------------------------------------------------------------------
 # Strategies on the suite, scored against the optimum.
 # ---------------------------------------------------------------------------------------------
@@ -259,9 +320,10 @@ STRATEGIES = {"random": ("random", "random", False), "evolution": ("evolution", 
 
 
 def run(config: ml_collections.ConfigDict, strategy: str, num_updates: int,
-        meta_updates: int = 0) -> dict[str, list[Episode]]:
+        meta_updates: int = 0) -> tuple[dict[str, list[Episode]], dict | None]:
   """One strategy's episodes on the held-out target ('target') and, for RC-NAS, those of its
-  meta-training on the other tasks ('meta'), through `search.run_phase` in memory."""
+  meta-training on the other tasks ('meta'), through `search.run_phase` in memory; and, for the
+  policy strategies, `start_quality` of the policy the target phase started from."""
   phase, kind, meta_trained = STRATEGIES[strategy]
   env, target = Environment(config), target_task(config)
   num_stages = len(arch.teacher(target.teacher).stages)
@@ -273,9 +335,28 @@ def run(config: ml_collections.ConfigDict, strategy: str, num_updates: int,
         "meta", env, lambda i: tasks.meta_task(config, i, target, infos()), meta_updates, state,
         None, search.PolicySampler(learner))
     state = search.continued_state(learner, state["params"])
+  quality = (start_quality(learner, state["params"], env.observe(target),
+                           optimum_actions(target, config.search.beta))
+             if kind == "policy" else None)
   _, phases["target"] = search.run_phase(phase, env, lambda i: target, num_updates, state, None,
                                          search.make_sampler(config, kind, num_stages))
-  return phases
+  return phases, quality
+
+
+def start_quality(learner: search.Learner, params: dict, observation: Observation,
+                  center: tuple[np.ndarray, ...]) -> dict[str, list[float]]:
+  """How close a policy is to the optimum, in `PriorSampler`'s terms: per stage, the
+  probability of the optimum's stride and of its block type; how far the ratio means are from
+  the optimum's ratios, and the ratios' spread (both in logit space, as `PriorSampler`'s sigma)."""
+  out = jax.tree.map(np.asarray, policy.apply(learner.network, params, observation))
+  # P(choice = 1) = sigmoid(logit), so P(choice = wanted) = sigmoid(+-logit).
+  right = lambda logit, wanted: 1.0 / (1.0 + np.exp(np.where(wanted, -logit, logit)))
+  return {"p_stride": right(out.downsample_logit, center[2]).tolist(),
+          "p_block": right(out.robust_logit, center[3]).tolist(),
+          "depth_offset": np.abs(out.depth_mean - _logit(center[0])).tolist(),
+          "width_offset": np.abs(out.width_mean - _logit(center[1])).tolist(),
+          "depth_std": np.exp(out.depth_log_std).tolist(),
+          "width_std": np.exp(out.width_log_std).tolist()}
 
 
 def true_rewards(task: Task, episodes: list[Episode], beta: float) -> np.ndarray:
