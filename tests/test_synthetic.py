@@ -9,7 +9,7 @@ import pytest
 
 from rcnas_jax import config as config_lib
 from rcnas_jax.nets import arch, space
-from rcnas_jax.rl import synthetic
+from rcnas_jax.rl import search, synthetic
 from rcnas_jax.rl.tasks import Task
 from rcnas_jax.robust.attacks import ThreatModel
 
@@ -110,3 +110,20 @@ def test_a_prior_centred_on_the_optimum_samples_it_and_errs_at_its_rate():
   assert abs(mixed.mean() - 0.64) < 0.05
   wrong = synthetic.run_prior(c, sigma=0.5, p=0.0, num_updates=4)
   assert not right(wrong).any()  # Strides 2-1-1 and basic blocks: buildable on 8x8.
+
+
+def test_a_fresh_policy_starts_at_coin_flips_around_half_ratios():
+  """`start_quality` of an untrained policy: every binary choice at p 0.5 and the ratio means
+  at logit 0 (ratio 0.5) with std 0.5, as `policy.INITIAL_LOG_STD` sets."""
+  c = synthetic.configure(config_lib.base_config())
+  task = synthetic.target_task(c)
+  learner = search.make_learner(c, 3)
+  observation = synthetic.Environment(c).observe(task)
+  params = search.fresh_state(learner, 0, observation)["params"]
+  center = synthetic.optimum_actions(task, c.search.beta)  # Widths 40/88/136 of 64/128/256.
+  q = synthetic.start_quality(learner, params, observation, center)
+  np.testing.assert_allclose(q["p_stride"] + q["p_block"], 0.5, atol=0.02)
+  np.testing.assert_allclose(q["depth_std"] + q["width_std"], 0.5, rtol=0.05)
+  widths = np.array([40 / 64, 88 / 128, 136 / 256])
+  np.testing.assert_allclose(q["width_offset"], np.abs(np.log(widths / (1 - widths))), atol=0.05)
+  np.testing.assert_allclose(q["depth_offset"], 0.0, atol=0.05)  # Depths 1 of 2: ratio 0.5.

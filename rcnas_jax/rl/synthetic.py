@@ -22,6 +22,8 @@ LIPS and the teacher's error grow with the attack's strength and the data's comp
 observation tells the agent what the reward depends on. An action that cannot be built scores
 -1, as in the real environment. `optimum` finds the best noise-free reward by coordinate ascent
 over every buildable student from many starts, so a search is scored by its regret.
+`PriorSampler` and `start_quality` say how good a starting policy must be: a fixed prior
+around the optimum, and how far a (meta-trained) policy is from one.
 """
 
 from __future__ import annotations
