@@ -93,8 +93,7 @@ def test_the_learner_learns_at_the_shipped_defaults():
 def test_a_prior_centred_on_the_optimum_samples_it_and_errs_at_its_rate():
   """`PriorSampler` at p = 1 and a tiny spread gives the optimum every time; at p = 0.8 each
   stride and block-type choice is the optimum's 80% of the time, less what the downsample mask
-  drops; at p = 0 never (where
-  the downsample mask lets the wrong choice be built)."""
+  drops; at p = 0 never (where the downsample mask lets the wrong choice be built)."""
   c = synthetic.configure(config_lib.base_config())
   task = synthetic.target_task(c)
   optimum, spec = synthetic.optimum(task, c.search.beta)
