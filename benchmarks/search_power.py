@@ -78,12 +78,17 @@ def bootstrap(values: np.ndarray, statistic, rng: np.random.Generator) -> tuple[
   return tuple(float(x) for x in np.percentile(samples, [2.5, 97.5], method="nearest"))
 
 
-def summarise(result: dict, rng: np.random.Generator) -> dict:
-  """Median episodes to 95% with its interval (inf = never), final regret mean and interval."""
-  to95 = np.array([np.inf if n is None else n for n in result["episodes_to_95"]], float)
-  final = np.array([curve[-1] for curve in result["regret"]])
+def summarise_to95(episodes_to_95: list, rng: np.random.Generator) -> dict:
+  """Median episodes to 95% with its interval (inf = never), and how many seeds reached it."""
+  to95 = np.array([np.inf if n is None else n for n in episodes_to_95], float)
   return {"median_to_95": float(np.median(to95)), "to_95_ci": bootstrap(to95, np.median, rng),
-          "reached": int(np.isfinite(to95).sum()), "seeds": len(to95),
+          "reached": int(np.isfinite(to95).sum()), "seeds": len(to95)}
+
+
+def summarise(result: dict, rng: np.random.Generator) -> dict:
+  """`summarise_to95`, and the final regret's mean and interval."""
+  final = np.array([curve[-1] for curve in result["regret"]])
+  return {**summarise_to95(result["episodes_to_95"], rng),
           "final_regret": float(final.mean()), "final_regret_ci": bootstrap(final, np.mean, rng),
           "meta_evaluations": result["meta_evaluations"], "horizon": result["horizon"],
           "start": result.get("start")}
@@ -226,14 +231,12 @@ def prior_bound(seeds: int, updates: int, rng: np.random.Generator) -> str:
            f"each, {horizon} episodes.", "", "| ratio spread sigma | binary choices right "
            "with p | episodes to 95%, median [95% CI] | draws reaching it |", "|---:|---:|---|---:|"]
   for sigma, p in itertools.product(PRIOR_SIGMAS, PRIOR_PS):
-    to95, regrets = [], []
+    to95 = []
     for seed in range(seeds):
       config.seed = seed
       episodes = synthetic.run_prior(config, sigma, p, updates)
       to95.append(synthetic.episodes_to(target, episodes, config.search.beta))
-      regrets.append(synthetic.incumbent_regret(target, episodes, config.search.beta))
-    s = summarise({"episodes_to_95": to95, "regret": regrets, "meta_evaluations": 0,
-                   "horizon": horizon}, rng)
+    s = summarise_to95(to95, rng)
     low, high = s["to_95_ci"]
     lines.append(f"| {sigma} | {p} | {_episodes(s['median_to_95'], horizon)} "
                  f"[{_episodes(low, horizon)}, {_episodes(high, horizon)}] | "
